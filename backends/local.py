@@ -1,0 +1,330 @@
+"""The ``asyncio`` backend: a stage's workers on the pipeline's own event loop.
+
+::
+
+    StageRunner.submit([a, b, c]) ─► shared deque (or worker i's own deque, fork mode)
+                                        │  an idle worker task is woken (one future per idle
+                                        ▼  worker, not per item)
+    worker task i ── async def ─────────► await fn(item)                 ─┐
+                  ── def / generator ──► its own daemon thread runs fn ───┤ call_soon_threadsafe
+                  ── async generator ──► async for v in fn(item): emit    │
+                                                                          ▼
+                                       slot freed, then sink.ok / sink.error (same loop tick)
+
+Capacity is one attempt per worker. A worker task keeps taking attempts from the
+deque without suspending while they are there, so a burst of fast ``async def``
+calls runs back to back in one loop step.
+
+Each worker running plain ``def`` functions owns one thread (not a shared pool),
+so a call that times out can be abandoned (Python cannot kill a thread) and the
+worker gets a fresh thread; the abandoned call's result is discarded. Threads are
+daemons so an abandoned call never blocks interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import sys
+import threading
+from collections import deque
+from typing import Any, Callable, Sequence
+
+from pypline.executor import (
+    Attempt,
+    Backend,
+    Executor,
+    ExecutorStatistics,
+    FnKind,
+    OutcomeSink,
+    StageSpec,
+    WorkerFn,
+    WorkerInfo,
+)
+from pypline.lowlevel import set_worker_info
+
+__all__ = ["AsyncioBackend", "AsyncioExecutor"]
+
+_STOP = object()
+
+
+class _WorkerThread:
+    """One daemon thread that runs a worker's sync calls, one at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        self.loop = loop
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.abandoned = False
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, call: Callable[[], Any]) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self.jobs.put((call, fut))
+        return fut
+
+    def stop(self) -> None:
+        self.jobs.put(_STOP)
+
+    def _report(self, fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def _post(self, callback: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: the run is over, nobody waits for this
+            pass
+
+    def _main(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is _STOP:
+                break
+            call, fut = job
+            try:
+                value = call()
+            except BaseException as exc:  # delivered to the awaiting worker task
+                self._post(self._report, fut, False, exc)
+            else:
+                self._post(self._report, fut, True, value)
+            del job, call, fut
+            if self.abandoned:
+                return
+        self._post(lambda: self.exited.done() or self.exited.set_result(None))
+
+
+class _Abandoned(Exception):
+    """Raised inside an abandoned generator thread to stop it at its next yield."""
+
+
+class AsyncioExecutor(Executor):
+    """Runs a stage's workers as tasks on the running loop (sync functions in threads)."""
+
+    def __init__(self) -> None:
+        self._capacity = 0
+        self._completed = 0
+        self._replaced = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._threads: list[_WorkerThread | None] = []
+        self._shared: deque[Attempt] = deque()
+        self._own: list[deque[Attempt]] = []
+        self._idle: list[asyncio.Future[None] | None] = []
+        self._idle_order: list[int] = []  # idle workers, most recent last
+        self._targeted = False
+        self._closed = False
+
+    async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
+        self._spec = spec
+        self._sink = sink
+        self._loop = asyncio.get_running_loop()
+        n = spec.num_workers
+        self._capacity = n
+        self._own = [deque() for _ in range(n)]
+        self._idle = [None] * n
+        self._idle_order = []
+        self._targeted = spec.is_fork
+        self._threads = [None] * n
+        self._infos = [[WorkerInfo(spec.name, i, a) for a in range(1, spec.retries + 1)] for i in range(n)]
+        for i, wf in enumerate(spec.workers):
+            task = self._loop.create_task(self._work(i, wf), name=f"pypline-{spec.name}-{i}")
+            self._tasks.append(task)
+
+    def capacity(self) -> int:
+        return self._capacity
+
+    def submit(self, attempts: Sequence[Attempt]) -> None:
+        n = len(attempts)
+        cap = self._capacity - n
+        if cap < 0:
+            raise RuntimeError(f"submit() got {n} attempts with capacity {self._capacity}")
+        self._capacity = cap
+        idle = self._idle
+        if not self._targeted:
+            self._shared.extend(attempts)
+            while n and self._idle_order:
+                i = self._idle_order.pop()
+                f = idle[i]
+                idle[i] = None
+                if f is not None and not f.done():
+                    f.set_result(None)
+                    n -= 1
+            return
+        for a in attempts:
+            w = a.worker
+            if w is None:  # a fork stage's attempts are all targeted; be lenient anyway
+                w = 0
+            self._own[w].append(a)
+            f = idle[w]
+            if f is not None:
+                idle[w] = None
+                if not f.done():
+                    f.set_result(None)
+
+    def _info(self, i: int, number: int) -> WorkerInfo:
+        infos = self._infos[i]
+        return infos[number - 1] if number <= len(infos) else WorkerInfo(self._spec.name, i, number)
+
+    async def _work(self, i: int, wf: WorkerFn) -> None:
+        own, shared, sink = self._own[i], self._shared, self._sink
+        kind, fn = wf.kind, wf.fn
+        timeout = self._spec.timeout
+        fast = kind is FnKind.ASYNC and timeout is None
+        number = 0
+        while True:
+            if own:
+                a = own.popleft()
+            elif shared:
+                a = shared.popleft()
+            else:
+                fut = self._loop.create_future()
+                self._idle[i] = fut
+                self._idle_order.append(i)
+                await fut
+                continue
+            if a.number != number:
+                number = a.number
+                set_worker_info(self._info(i, number))
+            try:
+                if fast:
+                    value = await fn(a.item)
+                else:
+                    value = await self._call(i, kind, fn, a, self._info(i, number), timeout)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # the user's function failed: report, keep serving
+                self._capacity += 1
+                self._completed += 1
+                sink.error(a, exc)
+                continue
+            self._capacity += 1
+            self._completed += 1
+            sink.ok(a, value)
+
+    async def _call(
+        self, i: int, kind: FnKind, fn: Callable[..., Any], a: Attempt, info: WorkerInfo, timeout: float | None
+    ) -> Any:
+        if kind is FnKind.ASYNC:
+            coro = fn(a.item)
+        elif kind is FnKind.ASYNC_GEN:
+            coro = self._drain_async_gen(fn, a)
+        else:
+            coro = self._in_thread(i, kind, fn, a, info)
+        if timeout is None:
+            return await coro
+        try:
+            if sys.version_info >= (3, 11):
+                async with asyncio.timeout(timeout):
+                    return await coro
+            else:  # pragma: no cover - Python 3.10
+                return await asyncio.wait_for(coro, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"attempt {a.number} of stage {self._spec.name!r} timed out after {timeout:g} s") from None
+
+    async def _drain_async_gen(self, fn: Callable[..., Any], a: Attempt) -> None:
+        agen = fn(a.item)
+        try:
+            async for value in agen:
+                await self._sink.emit(a, value)
+        finally:
+            await agen.aclose()
+
+    async def _in_thread(self, i: int, kind: FnKind, fn: Callable[..., Any], a: Attempt, info: WorkerInfo) -> Any:
+        worker = self._threads[i]
+        if worker is None:
+            worker = self._threads[i] = _WorkerThread(self._loop, f"pypline-{self._spec.name}-{i}")
+        if kind is FnKind.GEN:
+            call = self._gen_call(worker, fn, a, info)
+        else:
+
+            def call() -> Any:
+                set_worker_info(info)
+                return fn(a.item)
+
+        fut = worker.run(call)
+        try:
+            value = await fut
+        except (asyncio.CancelledError, TimeoutError, asyncio.TimeoutError):
+            # Timed out or cancelled while the thread runs: abandon it, give the worker a new one.
+            self._abandon(i, worker)
+            raise
+        if asyncio.iscoroutine(value):  # a plain function returned a coroutine: await it here
+            value = await value
+        return value
+
+    def _gen_call(self, worker: _WorkerThread, fn: Callable[..., Any], a: Attempt, info: WorkerInfo) -> Callable[[], None]:
+        loop, sink = self._loop, self._sink
+
+        def call() -> None:
+            set_worker_info(info)
+            gen = fn(a.item)
+            try:
+                for value in gen:
+                    cf = asyncio.run_coroutine_threadsafe(sink.emit(a, value), loop)
+                    while True:
+                        if worker.abandoned:
+                            cf.cancel()
+                            raise _Abandoned()
+                        try:
+                            cf.result(0.05)
+                            break
+                        except concurrent.futures.TimeoutError:
+                            continue
+            finally:
+                gen.close()
+
+        return call
+
+    def _abandon(self, i: int, worker: _WorkerThread) -> None:
+        worker.abandoned = True
+        worker.stop()
+        if self._threads[i] is worker:
+            self._threads[i] = None
+            self._replaced += 1
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        waits = []
+        for w in self._threads:
+            if w is not None and not w.abandoned:
+                w.stop()
+                waits.append(w)
+        self._threads = []
+        if waits:
+            # Idle threads exit at once on STOP; a thread stuck in a user call is abandoned.
+            await asyncio.wait([w.exited for w in waits], timeout=1.0)
+            for w in waits:
+                if w.exited.done():
+                    w.thread.join()
+
+    def statistics(self) -> ExecutorStatistics:
+        return ExecutorStatistics(
+            backend="asyncio",
+            workers=len(self._own),
+            capacity=self._capacity,
+            submitted=self._completed + len(self._own) - self._capacity,
+            completed=self._completed,
+            workers_replaced=self._replaced,
+        )
+
+
+class AsyncioBackend(Backend):
+    """Backend ``asyncio``: tasks on the pipeline's loop, plain functions in threads."""
+
+    name = "asyncio"
+
+    def executor(self, spec: StageSpec) -> Executor:
+        return AsyncioExecutor()

@@ -1,0 +1,106 @@
+"""Process-wide settings: ``configure()`` and the environment variables it overrides.
+
+Settings are one frozen record swapped atomically; a run reads them once, when it
+starts. ``PYPLINE_AGENTS`` / ``PYPLINE_KEYS`` apply only where ``configure()`` has
+not set ``agents`` / ``keys``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Settings", "configure", "current_settings", "effective_agents", "effective_keys"]
+
+_FALLBACKS = ("local", "error")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option of ``configure()``. ``agents``/``keys`` are ``None`` when not set."""
+
+    agents: tuple[str, ...] | None = None
+    keys: str | None = None
+    fallback: str = "local"
+    connect_timeout: float = 5.0
+    heartbeat_timeout: float = 3.0
+    max_lost: int = 3
+
+
+_settings = Settings()
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def configure(
+    *,
+    agents: list[str] | tuple[str, ...] | None = None,
+    keys: str | os.PathLike[str] | None = None,
+    fallback: str | None = None,
+    connect_timeout: float | None = None,
+    heartbeat_timeout: float | None = None,
+    max_lost: int | None = None,
+) -> Settings:
+    """Set process-wide options; only those given change. Returns the previous settings.
+
+    ``configure()`` with no arguments resets every option to its default.
+    ``agents=[]`` means local execution even if ``PYPLINE_AGENTS`` is set.
+    """
+    global _settings
+    previous = _settings
+    changes: dict[str, Any] = {}
+    if agents is not None:
+        if isinstance(agents, str) or not isinstance(agents, (list, tuple)):
+            raise TypeError(f"agents must be a list of endpoints, got {agents!r}")
+        for a in agents:
+            if not isinstance(a, str) or not a:
+                raise TypeError(f"agents must be endpoint strings like 'tcp://127.0.0.1:5555', got {a!r}")
+        changes["agents"] = tuple(agents)
+    if keys is not None:
+        if not isinstance(keys, (str, os.PathLike)):
+            raise TypeError(f"keys must be a directory path, got {keys!r}")
+        changes["keys"] = os.fspath(keys)
+    if fallback is not None:
+        if fallback not in _FALLBACKS:
+            raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
+        changes["fallback"] = fallback
+    if connect_timeout is not None:
+        changes["connect_timeout"] = _positive("connect_timeout", connect_timeout)
+    if heartbeat_timeout is not None:
+        changes["heartbeat_timeout"] = _positive("heartbeat_timeout", heartbeat_timeout)
+    if max_lost is not None:
+        if isinstance(max_lost, bool) or not isinstance(max_lost, int):
+            raise TypeError(f"max_lost must be an int, got {max_lost!r}")
+        if max_lost < 0:
+            raise ValueError(f"max_lost must be >= 0, got {max_lost!r}")
+        changes["max_lost"] = max_lost
+    _settings = dataclasses.replace(previous, **changes) if changes else Settings()
+    return previous
+
+
+def current_settings() -> Settings:
+    """The settings in force now (environment variables not applied)."""
+    return _settings
+
+
+def effective_agents(settings: Settings) -> tuple[str, ...]:
+    """Agents from ``configure()``, else from ``PYPLINE_AGENTS`` (read now)."""
+    if settings.agents is not None:
+        return settings.agents
+    raw = os.environ.get("PYPLINE_AGENTS", "")
+    return tuple(a.strip() for a in raw.split(",") if a.strip())
+
+
+def effective_keys(settings: Settings) -> str | None:
+    """The key directory from ``configure()``, else from ``PYPLINE_KEYS`` (read now)."""
+    if settings.keys is not None:
+        return settings.keys
+    return os.environ.get("PYPLINE_KEYS") or None

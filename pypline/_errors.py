@@ -1,0 +1,155 @@
+"""The exceptions pypline reports, each saying whose fault it is.
+
+- ``PipelineError``: a run finished with failed items or a failing source. It is
+  returned inside ``Err``, never raised by ``run()``; it keeps every output computed.
+- ``ItemFailure``: one item that failed after its attempts. Your function raised
+  ``error`` (or its worker died / was lost); the other items were not affected.
+- ``WorkerDied``: the process running the item died mid-item (exit code or signal).
+  The item may be what killed it, so it costs the item one attempt.
+- ``WorkerLost``: the agent holding the item vanished (crash, partition). Not the
+  item's fault: it is re-dispatched without using up ``retries``; this error appears
+  only once an item was lost more than ``max_lost`` times.
+- ``RemoteError``: an exception from another process whose type could not be
+  recreated here; it keeps the type name, message and remote traceback text.
+- ``StageStartError``: a stage could not be started (e.g. its function cannot be
+  pickled for a process backend). Reported as the ``cause`` of a ``PipelineError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "PipelineError",
+    "ItemFailure",
+    "RemoteError",
+    "WorkerDied",
+    "WorkerLost",
+    "StageStartError",
+]
+
+_SHOW_FAILURES = 3
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a user's broken __repr__ must not hide the failure itself
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _rebuild(cls: type[Exception], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
+    return cls(*args, **kwargs)
+
+
+class RemoteError(Exception):
+    """An exception raised in another process whose type could not be unpickled here."""
+
+    def __init__(self, type_name: str, message: str, traceback_text: str = "") -> None:
+        super().__init__(type_name, message, traceback_text)
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+
+class WorkerDied(Exception):
+    """The worker process died while running the item (its fault or the item's)."""
+
+    def __init__(self, message: str, *, exitcode: int | None = None, signal: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.signal = signal
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (WorkerDied, self.args, {"exitcode": self.exitcode, "signal": self.signal}))
+
+
+class WorkerLost(Exception):
+    """The item was lost with its agent more than ``max_lost`` times (the network's fault)."""
+
+    def __init__(self, message: str, *, agents: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.agents = agents
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (WorkerLost, self.args, {"agents": self.agents}))
+
+
+class StageStartError(Exception):
+    """A stage's executor could not start (the stage's configuration is at fault)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"stage {stage!r} could not start: {message}")
+        self.stage = stage
+        self.message = message
+
+    def __reduce__(self) -> Any:
+        return (StageStartError, (self.stage, self.message))
+
+
+@dataclass(frozen=True, eq=False)
+class ItemFailure(Exception):
+    """One item that failed in one stage after its attempts.
+
+    ``index`` is the item's position in the source, ``stage`` the failing stage's
+    name, ``item`` the value that stage received, ``error`` the last exception and
+    ``attempts`` how many attempts were made.
+    """
+
+    index: int
+    stage: str
+    item: Any
+    error: BaseException
+    attempts: int
+
+    def __post_init__(self) -> None:
+        Exception.__init__(self, self.index, self.stage, self.item, self.error, self.attempts)
+
+    def __str__(self) -> str:
+        err = f"{type(self.error).__name__}: {self.error}"
+        return (
+            f"stage {self.stage!r} failed item #{self.index} ({_short(self.item)}) "
+            f"after {self.attempts} attempt{'s' if self.attempts != 1 else ''}: {err}"
+        )
+
+
+@dataclass(eq=False)
+class PipelineError(Exception):
+    """A run that finished with failed items, or whose source raised.
+
+    ``failures`` lists every ``ItemFailure`` (in source order), ``outputs`` every
+    successful output (nothing computed is lost), and ``cause`` the exception that
+    stopped the source or a stage from starting, if any.
+    """
+
+    failures: list[ItemFailure] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)
+    cause: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        Exception.__init__(self, str(self))
+        if self.cause is not None:
+            self.__cause__ = self.cause
+
+    def __reduce__(self) -> Any:
+        return (PipelineError, (self.failures, self.outputs, self.cause))
+
+    def __str__(self) -> str:
+        parts: list[str] = []
+        if self.cause is not None:
+            parts.append(f"run stopped early: {type(self.cause).__name__}: {self.cause}")
+        if self.failures:
+            per_stage: dict[str, int] = {}
+            for f in self.failures:
+                per_stage[f.stage] = per_stage.get(f.stage, 0) + 1
+            counts = ", ".join(f"{n} in {s!r}" for s, n in per_stage.items())
+            parts.append(f"{len(self.failures)} item(s) failed ({counts}); {len(self.outputs)} output(s) succeeded")
+            parts.extend(f"  - {f}" for f in self.failures[:_SHOW_FAILURES])
+            if len(self.failures) > _SHOW_FAILURES:
+                parts.append(f"  ... and {len(self.failures) - _SHOW_FAILURES} more")
+        return "\n".join(parts) if parts else "pipeline failed"

@@ -1,0 +1,170 @@
+"""Pipelines and flows: immutable compositions of stages.
+
+``Pipeline(source) >> a >> b`` and ``a >> b`` (a reusable ``Flow``) only build
+tuples; nothing runs until ``run()``, ``run_sync()`` or ``stream()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any, AsyncIterator
+
+from ._errors import PipelineError
+from ._run import Run
+from ._stage import Stage, as_stage
+from .executor import Backend
+from .util import Result
+
+__all__ = ["Pipeline", "Flow", "PipelineStream"]
+
+
+def _stages_of(x: Any) -> tuple[Stage, ...]:
+    if isinstance(x, Flow):
+        return x.stages
+    if isinstance(x, Pipeline):
+        raise TypeError("a Pipeline cannot be added to another pipeline; compose stages or a Flow instead")
+    return (as_stage(x),)
+
+
+class Flow:
+    """A reusable sequence of stages with no source: ``Pipeline(src) >> flow``."""
+
+    __slots__ = ("_stages",)
+
+    def __init__(self, stages: tuple[Stage, ...] = ()) -> None:
+        self._stages = tuple(as_stage(s) for s in stages)
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return self._stages
+
+    def stage(self, x: Stage | Flow | Any) -> Flow:
+        """A new flow with ``x`` appended (a Stage, a plain callable or a Flow)."""
+        return Flow(self._stages + _stages_of(x))
+
+    def __rshift__(self, x: Stage | Flow | Any) -> Flow:
+        return self.stage(x)
+
+    def __repr__(self) -> str:
+        return f"Flow({' >> '.join(s.name for s in self._stages)})"
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+class Pipeline:
+    """A source and the stages its items go through. Immutable: ``>>`` returns a new one."""
+
+    __slots__ = ("_source", "_stages")
+
+    def __init__(self, source: Any, _stages: tuple[Stage, ...] = ()) -> None:
+        if not (hasattr(source, "__aiter__") or hasattr(source, "__iter__")):
+            raise TypeError(
+                f"Pipeline source must be an iterable or async iterable, got {source!r} ({type(source).__name__})"
+            )
+        self._source = source
+        self._stages = _stages
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return self._stages
+
+    @property
+    def source(self) -> Any:
+        return self._source
+
+    def stage(self, x: Stage | Flow | Any) -> Pipeline:
+        """A new pipeline with ``x`` appended (a Stage, a plain callable or a Flow)."""
+        return Pipeline(self._source, self._stages + _stages_of(x))
+
+    def __rshift__(self, x: Stage | Flow | Any) -> Pipeline:
+        return self.stage(x)
+
+    def __repr__(self) -> str:
+        names = "".join(f" >> {s.name}" for s in self._stages)
+        return f"Pipeline({type(self._source).__name__}{names})"
+
+    async def run(
+        self, *, ordered: bool = True, fail_fast: bool = False, executor: str | Backend | None = None
+    ) -> Result[list[Any]]:
+        """Run every item through every stage; ``Ok(outputs)`` or ``Err(PipelineError)``.
+
+        Never raises for a failing item or source. ``ordered=True`` returns outputs in
+        source order. ``fail_fast=True`` stops at the first failure. ``executor``
+        names the backend (or is a ``Backend``) for ``multi_proc=True`` stages.
+        Cancelling the awaiting task stops every stage and re-raises ``CancelledError``.
+        """
+        _check_bool("ordered", ordered)
+        _check_bool("fail_fast", fail_fast)
+        run = Run(self._stages, self._source, ordered=ordered, fail_fast=fail_fast, streaming=False, executor=executor)
+        try:
+            if await run.start():
+                await run.finished
+        finally:
+            await run.shutdown()
+        return run.result()
+
+    def run_sync(
+        self, *, ordered: bool = True, fail_fast: bool = False, executor: str | Backend | None = None
+    ) -> Result[list[Any]]:
+        """``run()`` from synchronous code (starts and closes its own event loop)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.run(ordered=ordered, fail_fast=fail_fast, executor=executor))
+        raise RuntimeError(
+            "Pipeline.run_sync() was called from inside a running event loop; use `await pipeline.run()` there"
+        )
+
+    def stream(self, *, ordered: bool = False, executor: str | Backend | None = None) -> PipelineStream:
+        """An async iterator of one ``Result`` per output: ``Ok(value)`` or ``Err(ItemFailure)``.
+
+        A slow consumer slows the whole pipeline (the §2.6 bound holds).
+        ``ordered=True`` yields in source order through a bounded reorder window.
+        Leave early with ``break`` or ``aclose()``; ``async with pipeline.stream() as s``
+        closes deterministically.
+        """
+        _check_bool("ordered", ordered)
+        return PipelineStream(self, ordered, executor)
+
+
+class PipelineStream:
+    """The async iterator returned by ``Pipeline.stream()``; also an async context manager."""
+
+    def __init__(self, pipeline: Pipeline, ordered: bool, executor: str | Backend | None) -> None:
+        self._agen = self._results(pipeline, ordered, executor)
+
+    @staticmethod
+    async def _results(pipeline: Pipeline, ordered: bool, executor: str | Backend | None) -> AsyncIterator[Result[Any]]:
+        run = Run(pipeline.stages, pipeline.source, ordered=ordered, fail_fast=False, streaming=True, executor=executor)
+        try:
+            if not await run.start():
+                raise PipelineError(cause=run.cause)
+            while True:
+                result = await run.next_result()
+                if result is None:
+                    return
+                yield result
+        finally:
+            await run.shutdown()
+
+    def __aiter__(self) -> PipelineStream:
+        return self
+
+    async def __anext__(self) -> Result[Any]:
+        return await self._agen.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop every stage and release everything the stream holds."""
+        await self._agen.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> PipelineStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

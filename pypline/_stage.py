@@ -1,0 +1,325 @@
+"""Stages: ``work_pool`` and ``mix_pool`` turn functions into validated, frozen ``StageSpec``s.
+
+Everything about a stage is checked here, at decoration time, so a bad argument
+fails where it is written and never halfway through a run. The ``Stage`` object
+stays callable as the original function (``await process_data(3) == 6``).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import numbers
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence, overload
+
+if TYPE_CHECKING:
+    from ._pipeline import Flow
+
+__all__ = ["FnKind", "WorkerFn", "StageSpec", "Stage", "work_pool", "mix_pool", "as_stage"]
+
+
+class FnKind(enum.Enum):
+    """How a worker function is called."""
+
+    ASYNC = "async"  # async def: awaited
+    SYNC = "sync"  # def: run in a thread (or a process)
+    GEN = "gen"  # def with yield: flat map, iterated in a thread (or a process)
+    ASYNC_GEN = "async_gen"  # async def with yield: flat map, iterated on a loop
+
+    @property
+    def is_generator(self) -> bool:
+        return self in (FnKind.GEN, FnKind.ASYNC_GEN)
+
+
+def fn_kind(fn: Callable[..., Any]) -> FnKind:
+    """Classify ``fn`` (functions, methods, partials and callable objects)."""
+    target: Any = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not (inspect.isfunction(target) or inspect.ismethod(target)) and callable(target):
+        call = getattr(type(target), "__call__", None)
+        if call is not None and (inspect.isfunction(call) or inspect.ismethod(call)):
+            target = call
+    if inspect.isasyncgenfunction(target):
+        return FnKind.ASYNC_GEN
+    if inspect.iscoroutinefunction(target):
+        return FnKind.ASYNC
+    if inspect.isgeneratorfunction(target):
+        return FnKind.GEN
+    return FnKind.SYNC
+
+
+@dataclass(frozen=True)
+class WorkerFn:
+    """One worker: the function it runs and how to call it."""
+
+    fn: Callable[..., Any]
+    kind: FnKind
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything an executor needs to run one stage's workers. Frozen and validated.
+
+    ``workers[i]`` is worker ``i``'s function: ``num_workers`` copies of one function
+    for a ``work_pool``, the factory's list for a ``mix_pool``.
+    """
+
+    name: str
+    workers: tuple[WorkerFn, ...]
+    buffer: int
+    retries: int
+    multi_proc: bool
+    fork_merge: Callable[[list[Any]], Any] | None
+    timeout: float | None
+    backoff: float
+    retry_on: tuple[type[BaseException], ...]
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
+
+    @property
+    def is_fork(self) -> bool:
+        return self.fork_merge is not None
+
+
+class Stage:
+    """A pipeline stage. Calling it calls the decorated function (or a mix_pool's factory)."""
+
+    def __init__(self, spec: StageSpec, call: Callable[..., Any]) -> None:
+        self.spec = spec
+        self._call = call
+        self.__wrapped__ = call
+        functools.update_wrapper(self, call, updated=())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __rshift__(self, other: Any) -> Flow:
+        from ._pipeline import Flow
+
+        return Flow((self,)) >> other
+
+    def __repr__(self) -> str:
+        s = self.spec
+        mode = "fork" if s.is_fork else "pool"
+        return f"<Stage {s.name!r} workers={s.num_workers} buffer={s.buffer} {mode}{' multi_proc' if s.multi_proc else ''}>"
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def _check_int(param: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{param} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{param} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_number(param: str, value: Any, *, allow_none: bool, positive: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{param} must be a number{' or None' if allow_none else ''}, got {value!r}")
+    v = float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{param} must be finite, got {value!r}")
+    if positive and v <= 0:
+        raise ValueError(f"{param} must be > 0, got {value!r}")
+    if not positive and v < 0:
+        raise ValueError(f"{param} must be >= 0, got {value!r}")
+    return v
+
+
+def _check_retry_on(value: Any) -> tuple[type[BaseException], ...]:
+    classes = value if isinstance(value, tuple) else (value,)
+    if not classes:
+        raise ValueError("retry_on must name at least one exception class, got ()")
+    for c in classes:
+        if not (isinstance(c, type) and issubclass(c, BaseException)):
+            raise TypeError(f"retry_on must be an exception class or a tuple of them, got {value!r}")
+    return classes
+
+
+def _check_common(
+    *, buffer: Any, retries: Any, multi_proc: Any, fork_merge: Any, timeout: Any, backoff: Any, retry_on: Any, name: Any
+) -> dict[str, Any]:
+    if not isinstance(multi_proc, bool):
+        raise TypeError(f"multi_proc must be a bool, got {multi_proc!r}")
+    if fork_merge is not None and not callable(fork_merge):
+        raise TypeError(f"fork_merge must be callable or None, got {fork_merge!r}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {name!r}")
+    if name is not None and not name:
+        raise ValueError("name must not be empty, got ''")
+    return {
+        "buffer": _check_int("buffer", buffer, 1),
+        "retries": _check_int("retries", retries, 1),
+        "multi_proc": multi_proc,
+        "fork_merge": fork_merge,
+        "timeout": _check_number("timeout", timeout, allow_none=True, positive=True),
+        "backoff": _check_number("backoff", backoff, allow_none=False, positive=False),
+        "retry_on": _check_retry_on(retry_on),
+    }
+
+
+def _callable_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return str(name)
+
+
+# --- decorators ---------------------------------------------------------------------------
+
+
+@overload
+def work_pool(fn: Callable[..., Any], /) -> Stage: ...
+@overload
+def work_pool(
+    fn: None = None,
+    /,
+    *,
+    buffer: int = 16,
+    retries: int = 1,
+    num_workers: int = 1,
+    multi_proc: bool = False,
+    fork_merge: Callable[[list[Any]], Any] | None = None,
+    timeout: float | None = None,
+    backoff: float = 0.0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    name: str | None = None,
+) -> Callable[[Callable[..., Any]], Stage]: ...
+
+
+def work_pool(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    buffer: int = 16,
+    retries: int = 1,
+    num_workers: int = 1,
+    multi_proc: bool = False,
+    fork_merge: Callable[[list[Any]], Any] | None = None,
+    timeout: float | None = None,
+    backoff: float = 0.0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    name: str | None = None,
+) -> Stage | Callable[[Callable[..., Any]], Stage]:
+    """Make a stage of ``num_workers`` identical workers running ``fn``.
+
+    Pool mode: each item goes to one free worker. With ``fork_merge=f``: each item
+    goes to every worker and ``f([result_0, ..., result_n-1])`` is the output.
+    ``buffer`` is the stage's input queue capacity, ``retries`` the TOTAL number of
+    attempts per item, ``timeout`` bounds each attempt, ``backoff`` sleeps
+    ``backoff * 2**(attempt-1)`` seconds between attempts, and only exceptions
+    matching ``retry_on`` are retried. Works bare (``@work_pool``) or called.
+    """
+    opts = _check_common(
+        buffer=buffer,
+        retries=retries,
+        multi_proc=multi_proc,
+        fork_merge=fork_merge,
+        timeout=timeout,
+        backoff=backoff,
+        retry_on=retry_on,
+        name=name,
+    )
+    workers = _check_int("num_workers", num_workers, 1)
+
+    def decorate(f: Callable[..., Any]) -> Stage:
+        if isinstance(f, Stage):
+            raise TypeError(f"work_pool() was given a Stage ({f.name!r}); decorate the plain function instead")
+        if not callable(f):
+            raise TypeError(f"work_pool() decorates a callable, got {f!r}")
+        wf = WorkerFn(f, fn_kind(f))
+        spec = StageSpec(name=name or _callable_name(f), workers=(wf,) * workers, **opts)
+        return Stage(spec, f)
+
+    if fn is None:
+        return decorate
+    return decorate(fn)
+
+
+@overload
+def mix_pool(factory: Callable[[], Sequence[Callable[..., Any]]], /) -> Stage: ...
+@overload
+def mix_pool(
+    factory: None = None,
+    /,
+    *,
+    buffer: int = 16,
+    retries: int = 1,
+    multi_proc: bool = False,
+    fork_merge: Callable[[list[Any]], Any] | None = None,
+    timeout: float | None = None,
+    backoff: float = 0.0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    name: str | None = None,
+) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage]: ...
+
+
+def mix_pool(
+    factory: Callable[[], Sequence[Callable[..., Any]]] | None = None,
+    /,
+    *,
+    buffer: int = 16,
+    retries: int = 1,
+    multi_proc: bool = False,
+    fork_merge: Callable[[list[Any]], Any] | None = None,
+    timeout: float | None = None,
+    backoff: float = 0.0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    name: str | None = None,
+) -> Stage | Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage]:
+    """Make a stage whose workers are different functions.
+
+    Decorates a zero-argument factory returning a non-empty list of callables; each
+    callable is one worker. The factory is called once, now, and its list checked.
+    Other parameters as for ``work_pool``.
+    """
+    opts = _check_common(
+        buffer=buffer,
+        retries=retries,
+        multi_proc=multi_proc,
+        fork_merge=fork_merge,
+        timeout=timeout,
+        backoff=backoff,
+        retry_on=retry_on,
+        name=name,
+    )
+
+    def decorate(f: Callable[[], Sequence[Callable[..., Any]]]) -> Stage:
+        if not callable(f):
+            raise TypeError(f"mix_pool() decorates a zero-argument factory, got {f!r}")
+        fns = f()
+        if isinstance(fns, (str, bytes)) or not isinstance(fns, (list, tuple)):
+            raise TypeError(f"mix_pool factory {_callable_name(f)!r} must return a list of callables, got {fns!r}")
+        if not fns:
+            raise ValueError(f"mix_pool factory {_callable_name(f)!r} returned an empty list; give it at least one worker")
+        for i, w in enumerate(fns):
+            if not callable(w):
+                raise TypeError(f"mix_pool factory {_callable_name(f)!r}: worker {i} is not callable: {w!r}")
+        spec = StageSpec(
+            name=name or _callable_name(f), workers=tuple(WorkerFn(w, fn_kind(w)) for w in fns), **opts
+        )
+        return Stage(spec, f)
+
+    if factory is None:
+        return decorate
+    return decorate(factory)
+
+
+def as_stage(x: Any) -> Stage:
+    """A ``Stage`` as is; a plain callable wrapped with ``work_pool`` defaults."""
+    if isinstance(x, Stage):
+        return x
+    if callable(x):
+        return work_pool(x)
+    raise TypeError(f"a pipeline stage must be a Stage, a callable or a Flow, got {x!r} ({type(x).__name__})")

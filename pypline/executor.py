@@ -1,0 +1,172 @@
+"""The Executor contract: the seam between the engine and where work runs.
+
+The engine decides *what* happens to an item; an executor decides *where and how*
+one attempt of one stage runs. ::
+
+      engine (one StageRunner per stage)               executor (one per stage per run)
+      ----------------------------------               --------------------------------
+      await executor.start(spec, sink)      ─────►     start workers, ship the functions
+      n = executor.capacity()               ◄─────     attempts it can take right now (credits)
+      executor.submit([attempt, ...])       ─────►     never blocks; may batch, queue, send
+      sink.ok(attempt, value)               ◄─────     the attempt returned `value`
+      sink.error(attempt, exc)              ◄─────     it raised / timed out / its worker died
+      sink.lost(attempt, where)             ◄─────     its worker vanished (not the item's fault)
+      await sink.emit(attempt, value)       ◄─────     a generator yielded (awaits downstream room)
+      sink.capacity_changed()               ◄─────     credits grew without an outcome
+      await executor.aclose()               ─────►     stop workers, close sockets; idempotent
+
+The engine owns admission (the §2.6 bound), queues, ordering, retries and backoff,
+``retry_on``, ``max_lost``, fork/merge and fail-fast; one policy, one behaviour on
+every backend. The executor owns workers, transport, batching, heartbeats, the
+per-attempt ``timeout`` (only it can kill a process) and ``current_worker()``.
+
+Rules an executor follows (the contract suite in ``tests/contract`` checks them):
+
+1. ``submit`` is given at most ``capacity()`` attempts; it never blocks and never
+   calls the sink from inside ``submit`` (report from a task or a callback).
+2. Every submitted attempt gets exactly one terminal report (``ok``, ``error`` or
+   ``lost``) unless ``aclose()`` comes first. The engine ignores reports for
+   attempts it no longer waits for, so late or duplicate reports are harmless —
+   that is what makes "at-least-once execution, exactly-once delivery" work.
+3. Capacity is counted in attempts and returns when the terminal report is made
+   (make the slot free *before* calling the sink: the sink may submit at once).
+4. ``attempt.worker`` is ``None`` (any worker) or a worker index that must run it
+   (fork mode). ``attempt.number`` counts from 1; set ``current_worker()`` to
+   ``WorkerInfo(spec.name, worker_index, attempt.number)`` around the call.
+5. Sink methods are called on the event loop's thread.
+6. A timed-out attempt is reported as ``error(attempt, TimeoutError(...))``; a
+   worker process that died as ``error(attempt, WorkerDied(...))``; an agent that
+   vanished as ``lost(attempt, "host:port")``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+from ._context import WorkerInfo, worker_context
+from ._errors import RemoteError, StageStartError, WorkerDied, WorkerLost
+from ._stage import FnKind, StageSpec, WorkerFn
+
+__all__ = [
+    "Attempt",
+    "Backend",
+    "Executor",
+    "ExecutorStatistics",
+    "FnKind",
+    "OutcomeSink",
+    "RemoteError",
+    "StageSpec",
+    "StageStartError",
+    "WorkerDied",
+    "WorkerFn",
+    "WorkerInfo",
+    "WorkerLost",
+    "worker_context",
+]
+
+class Attempt:
+    """One try of one item in one stage.
+
+    ``item`` is the value to process, ``worker`` the worker that must run it (or
+    ``None`` for any) and ``number`` the attempt number, from 1. The other slots
+    belong to the engine. Attempts carry no wire id: a backend that sends them
+    elsewhere numbers them itself and keeps its own id -> attempt table.
+    """
+
+    __slots__ = ("item", "worker", "number", "_job", "_settled")
+
+    def __init__(self, item: Any, worker: int | None, number: int, job: Any = None) -> None:
+        self.item = item
+        self.worker = worker
+        self.number = number
+        self._job = job
+        self._settled = False
+
+    def __repr__(self) -> str:
+        return f"<Attempt item={self.item!r} worker={self.worker} number={self.number}>"
+
+
+class OutcomeSink(abc.ABC):
+    """Where an executor reports how attempts ended. Implemented by the engine.
+
+    Call these on the event loop's thread; ``ok``/``error``/``lost`` never block.
+    """
+
+    @abc.abstractmethod
+    def ok(self, attempt: Attempt, value: Any) -> None:
+        """The attempt finished with ``value`` (a generator's return value is ignored)."""
+
+    @abc.abstractmethod
+    def error(self, attempt: Attempt, exc: BaseException) -> None:
+        """The attempt failed with ``exc``; the engine applies ``retries`` and ``retry_on``."""
+
+    @abc.abstractmethod
+    def lost(self, attempt: Attempt, where: str) -> None:
+        """The attempt's worker vanished; the engine re-dispatches it (up to ``max_lost``)."""
+
+    @abc.abstractmethod
+    async def emit(self, attempt: Attempt, value: Any) -> None:
+        """A generator attempt yielded ``value``; returns when the engine has room for it."""
+
+    @abc.abstractmethod
+    def capacity_changed(self) -> None:
+        """``capacity()`` grew for a reason other than a terminal report (e.g. an agent joined)."""
+
+
+@dataclass(frozen=True)
+class ExecutorStatistics:
+    """A snapshot of an executor's state."""
+
+    backend: str
+    workers: int
+    capacity: int
+    submitted: int
+    completed: int
+    workers_replaced: int = 0
+
+
+class Executor(abc.ABC):
+    """Runs the workers of one stage for one run. See the module docstring for the rules."""
+
+    @abc.abstractmethod
+    async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
+        """Start the workers. Raise ``StageStartError`` if the stage cannot run here."""
+
+    @abc.abstractmethod
+    def capacity(self) -> int:
+        """How many more attempts ``submit`` may be given now."""
+
+    @abc.abstractmethod
+    def submit(self, attempts: Sequence[Attempt]) -> None:
+        """Take these attempts (at most ``capacity()``). Never blocks, never calls the sink."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop every worker and release every resource. Idempotent; pending attempts are dropped."""
+
+    def statistics(self) -> ExecutorStatistics:
+        """A snapshot for progress displays; backends override to say more."""
+        return ExecutorStatistics(backend=type(self).__name__, workers=0, capacity=self.capacity(), submitted=0, completed=0)
+
+
+class Backend(abc.ABC):
+    """Makes executors for the stages of one run; may share resources between them.
+
+    Registered by name under the entry-point group ``pypline.backends``; the entry
+    point names a ``Backend`` subclass constructible with no arguments. A backend
+    instance can also be passed as ``run(executor=...)``.
+    """
+
+    name: ClassVar[str] = "unnamed"
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Called once per run before the first ``executor()``."""
+
+    @abc.abstractmethod
+    def executor(self, spec: StageSpec) -> Executor:
+        """A new, not yet started executor for ``spec``."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Called once per run after every executor was closed."""

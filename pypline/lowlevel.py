@@ -1,0 +1,21 @@
+"""Helpers for backend authors: what a worker needs around each call.
+
+Backends import from ``pypline``, ``pypline.executor`` and this module only.
+"""
+
+from __future__ import annotations
+
+from ._context import WorkerInfo, set_worker_info, worker_context
+from ._run import admission_bound
+from ._stage import FnKind, StageSpec, WorkerFn, fn_kind
+
+__all__ = [
+    "FnKind",
+    "StageSpec",
+    "WorkerFn",
+    "WorkerInfo",
+    "admission_bound",
+    "fn_kind",
+    "set_worker_info",
+    "worker_context",
+]
