@@ -271,7 +271,8 @@ def _pypline_chain(
         result = await pipeline.run(ordered=ordered)
         if not util.is_ok(result):
             raise PyplineErr.from_err(util.unwrap_err(result))
-        return util.unwrap(result)
+        outputs: list[Any] = util.unwrap(result)
+        return outputs
 
     return run
 

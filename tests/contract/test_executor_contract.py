@@ -1,0 +1,366 @@
+"""The Executor contract (pypline/executor.py), checked against every backend.
+
+Each test drives one executor directly through a recording sink, the way the
+engine does, and checks a rule of the contract. A backend joins by adding a
+factory to ``BACKENDS``; one that cannot run here is skipped with its reason.
+Worker functions live at module level so process backends can ship them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+from typing import Any, Callable, Sequence
+
+import pytest
+
+from pypline import current_worker, mix_pool, work_pool
+from pypline.executor import Attempt, Backend, Executor, OutcomeSink, StageSpec
+from pypline.testing import MockBackend
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _asyncio_backend() -> Backend:
+    from pypline.backends.local import AsyncioBackend
+
+    return AsyncioBackend()
+
+
+def _process_backend() -> Backend:
+    if importlib.util.find_spec("pypline.backends.process") is None:
+        pytest.skip("process backend not available")
+    from pypline.backends.process import ProcessBackend  # type: ignore[import-not-found,unused-ignore]
+
+    return ProcessBackend()  # type: ignore[no-any-return,unused-ignore]
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {
+    "asyncio": _asyncio_backend,
+    "mock": MockBackend,
+    "process": _process_backend,
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend_factory(request: pytest.FixtureRequest) -> Callable[[], Backend]:
+    return BACKENDS[request.param]
+
+
+# --- worker functions (module level: picklable by reference or value) ------------------------
+
+
+async def add_one(x: int) -> int:
+    return x + 1
+
+
+def sync_double(x: int) -> int:
+    return x * 2
+
+
+def fail_on_odd(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"odd: {x}")
+    return x
+
+
+def whoami(x: Any) -> tuple[str, int, int]:
+    info = current_worker()
+    return (info.stage, info.index, info.attempt)
+
+
+def count_up(n: int) -> Any:
+    yield from range(n)
+
+
+def block_forever(x: Any) -> Any:
+    threading.Event().wait(30)
+    return x
+
+
+async def async_block_forever(x: Any) -> Any:
+    await asyncio.Event().wait()
+    return x
+
+
+# --- the recording sink ---------------------------------------------------------------------
+
+
+class RecordingSink(OutcomeSink):
+    """Records every report and checks the sink-side rules as they happen."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.in_submit = False
+        self.reentrant = 0
+        self.terminal: dict[int, list[tuple[str, Any]]] = {}
+        self.emitted: dict[int, list[Any]] = {}
+        self.changed = asyncio.Event()
+        self.loop_thread = threading.get_ident()
+        self.wrong_thread = 0
+
+    def _record(self, attempt: Attempt, kind: str, value: Any) -> None:
+        if self.in_submit:
+            self.reentrant += 1
+        if threading.get_ident() != self.loop_thread:
+            self.wrong_thread += 1
+        self.terminal.setdefault(id(attempt), []).append((kind, value))
+        self.changed.set()
+
+    def ok(self, attempt: Attempt, value: Any) -> None:
+        self._record(attempt, "ok", value)
+
+    def error(self, attempt: Attempt, exc: BaseException) -> None:
+        self._record(attempt, "error", exc)
+
+    def lost(self, attempt: Attempt, where: str) -> None:
+        self._record(attempt, "lost", where)
+
+    async def emit(self, attempt: Attempt, value: Any) -> None:
+        if id(attempt) in self.terminal:
+            raise AssertionError("emit() after the attempt's terminal report")
+        self.emitted.setdefault(id(attempt), []).append(value)
+
+    def capacity_changed(self) -> None:
+        self.changed.set()
+
+    def submit(self, attempts: Sequence[Attempt]) -> None:
+        assert len(attempts) <= self.executor.capacity(), "the test itself must respect capacity"
+        self.in_submit = True
+        try:
+            self.executor.submit(attempts)
+        finally:
+            self.in_submit = False
+
+    async def wait_reports(self, attempts: Sequence[Attempt], timeout: float = 20.0) -> None:
+        async def all_in() -> None:
+            while not all(id(a) in self.terminal for a in attempts):
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(all_in(), timeout)
+
+
+async def started(backend: Backend, spec: StageSpec) -> tuple[Executor, RecordingSink]:
+    await backend.open()
+    ex = backend.executor(spec)
+    sink = RecordingSink(ex)
+    await ex.start(spec, sink)
+    return ex, sink
+
+
+async def stop(backend: Backend, ex: Executor) -> None:
+    await ex.aclose()
+    await backend.aclose()
+
+
+async def run_all(
+    sink: RecordingSink, ex: Executor, items: Sequence[Any], worker: Callable[[int], int | None] = lambda i: None
+) -> list[Attempt]:
+    """Submit every item, never beyond capacity, and wait for every report."""
+    attempts = [Attempt(x, worker(i), 1) for i, x in enumerate(items)]
+    pending = list(attempts)
+    while pending:
+        free = ex.capacity()
+        assert free >= 0
+        if free:
+            batch, pending = pending[:free], pending[free:]
+            sink.submit(batch)
+        else:
+            sink.changed.clear()
+            await asyncio.wait_for(sink.changed.wait(), 20)
+    await sink.wait_reports(attempts)
+    return attempts
+
+
+def spec_of(stage: Any) -> StageSpec:
+    spec: StageSpec = stage.spec
+    return spec
+
+
+# --- the rules ------------------------------------------------------------------------------------
+
+
+def test_results_match_inputs(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """Every attempt gets exactly one ok report carrying its own result."""
+
+    async def main() -> None:
+        backend = backend_factory()
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=3, multi_proc=True)(add_one)))
+        try:
+            attempts = await run_all(sink, ex, list(range(50)))
+            for a in attempts:
+                assert sink.terminal[id(a)] == [("ok", a.item + 1)]
+            assert sink.reentrant == 0, "submit() called the sink synchronously"
+            assert sink.wrong_thread == 0, "the sink was called off the loop thread"
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
+
+
+def test_sync_functions_and_capacity_restored(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """Capacity drops by what was submitted and comes back with every terminal report."""
+
+    async def main() -> None:
+        backend = backend_factory()
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=2, multi_proc=True)(sync_double)))
+        try:
+            full = ex.capacity()
+            assert full >= 1
+            attempts = [Attempt(i, None, 1) for i in range(full)]
+            sink.submit(attempts)
+            assert ex.capacity() == 0
+            await sink.wait_reports(attempts)
+            assert [sink.terminal[id(a)] for a in attempts] == [[("ok", a.item * 2)] for a in attempts]
+            assert ex.capacity() == full
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
+
+
+def test_errors_reported_with_their_type(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """A raising function gives one error report with the original exception type and message."""
+
+    async def main() -> None:
+        backend = backend_factory()
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=2, multi_proc=True)(fail_on_odd)))
+        try:
+            attempts = await run_all(sink, ex, list(range(10)))
+            for a in attempts:
+                [(kind, value)] = sink.terminal[id(a)]
+                if a.item % 2:
+                    assert kind == "error" and isinstance(value, ValueError) and f"odd: {a.item}" in str(value)
+                else:
+                    assert (kind, value) == ("ok", a.item)
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
+
+
+def test_targeted_attempts_run_on_their_worker(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """worker=i runs on worker i, and current_worker() names the stage, index and attempt number."""
+
+    async def main() -> None:
+        backend = backend_factory()
+        stage = work_pool(num_workers=3, multi_proc=True, fork_merge=list, name="who")(whoami)
+        ex, sink = await started(backend, spec_of(stage))
+        try:
+            attempts = await run_all(sink, ex, list(range(9)), worker=lambda i: i % 3)
+            for a in attempts:
+                assert sink.terminal[id(a)] == [("ok", ("who", a.worker, 1))]
+            again = Attempt("x", 2, 4)
+            sink.submit([again])
+            await sink.wait_reports([again])
+            assert sink.terminal[id(again)] == [("ok", ("who", 2, 4))]
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
+
+
+def test_mix_pool_workers_run_their_own_function(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """In a mix_pool, worker i runs function i."""
+
+    async def main() -> None:
+        backend = backend_factory()
+
+        @mix_pool(multi_proc=True, fork_merge=list)
+        def both() -> list[Any]:
+            return [sync_double, add_one]
+
+        ex, sink = await started(backend, spec_of(both))
+        try:
+            attempts = await run_all(sink, ex, [10, 10], worker=lambda i: i)
+            assert [sink.terminal[id(a)] for a in attempts] == [[("ok", 20)], [("ok", 11)]]
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
+
+
+def test_generators_emit_in_order_then_finish(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """A generator attempt emits every value in order before its single terminal report."""
+
+    async def main() -> None:
+        backend = backend_factory()
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=2, multi_proc=True)(count_up)))
+        try:
+            attempts = await run_all(sink, ex, [0, 3, 5])
+            for a in attempts:
+                assert sink.emitted.get(id(a), []) == list(range(a.item))
+                assert [k for k, _ in sink.terminal[id(a)]] == ["ok"]
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
+
+
+def test_timeout_is_reported_and_worker_keeps_serving(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """A timed-out attempt is one TimeoutError report; the executor then serves new attempts."""
+    if backend_factory is MockBackend:
+        pytest.skip("the mock executor does not enforce timeouts (tests script them with Raise)")
+
+    async def main() -> None:
+        backend = backend_factory()
+
+        def maybe_block(x: Any) -> Any:
+            return block_forever(x) if x == "stuck" else x
+
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=1, multi_proc=True, timeout=0.2)(maybe_block)))
+        try:
+            stuck = Attempt("stuck", None, 1)
+            sink.submit([stuck])
+            await sink.wait_reports([stuck])
+            [(kind, value)] = sink.terminal[id(stuck)]
+            assert kind == "error" and isinstance(value, TimeoutError)
+            attempts = await run_all(sink, ex, ["a", "b"])
+            assert [sink.terminal[id(a)] for a in attempts] == [[("ok", "a")], [("ok", "b")]]
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
+
+
+def test_aclose_during_work_leaves_nothing_running(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """aclose() with attempts in flight returns promptly, is idempotent, and leaves no task behind."""
+
+    async def main() -> None:
+        before = set(asyncio.all_tasks())
+        backend = backend_factory()
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=2, multi_proc=True)(async_block_forever)))
+        sink.submit([Attempt(i, None, 1) for i in range(ex.capacity())])
+        await asyncio.sleep(0)
+        await asyncio.wait_for(ex.aclose(), 10)
+        await asyncio.wait_for(ex.aclose(), 10)  # idempotent
+        await backend.aclose()
+        leftover = {t for t in asyncio.all_tasks() if not t.done()} - before
+        assert not leftover, f"tasks left running after aclose(): {leftover}"
+
+    arun(main())
+
+
+def test_unknown_or_late_reports_are_tolerated_by_the_engine(arun: Any) -> None:
+    """A lost attempt that later answers anyway is delivered exactly once (engine side of rule 2)."""
+    from pypline import Pipeline
+    from pypline.testing import Lose
+    from pypline.util import unwrap
+
+    lost_once: set[int] = set()
+
+    def fate(a: Attempt) -> Any:
+        if a.item % 3 == 0 and a.item not in lost_once:
+            lost_once.add(a.item)
+            return Lose("agent-x", late_value=-1, late=True)
+        return None
+
+    backend = MockBackend(fate=fate, capacity=3, shuffle_seed=7)
+    stage = work_pool(num_workers=2, multi_proc=True)(add_one)
+    result = arun(Pipeline(range(30)).stage(stage).run(executor=backend))
+    assert unwrap(result) == [x + 1 for x in range(30)]
+    assert lost_once == set(range(0, 30, 3))
+    assert backend.max_in_flight <= 3
+    assert all(e.capacity_violations == 0 for e in backend.executors)
