@@ -97,7 +97,11 @@ class _WorkerThread:
             del job, call, fut
             if self.abandoned:
                 return
-        self._post(lambda: self.exited.done() or self.exited.set_result(None))
+        self._post(self._mark_exited)
+
+    def _mark_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
 
 
 class _Abandoned(Exception):

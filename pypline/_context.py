@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, NamedTuple
+from dataclasses import dataclass
+from typing import Iterator
 
 __all__ = ["WorkerInfo", "current_worker", "worker_context"]
 
 
-class WorkerInfo(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
     """The call in progress: ``stage`` name, worker ``index`` (0-based) and ``attempt`` (from 1)."""
 
     stage: str

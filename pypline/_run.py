@@ -122,8 +122,13 @@ class _Inbox:
 async def _wait_for_space(loop: asyncio.AbstractEventLoop, inbox: _Inbox) -> None:
     while not inbox.has_space():
         fut: asyncio.Future[None] = loop.create_future()
-        inbox.add_space_listener(lambda: fut.done() or fut.set_result(None))
+        inbox.add_space_listener(lambda: _resolve(fut))
         await fut
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class _Collector(_Inbox):
@@ -279,7 +284,8 @@ class StageRunner(_Inbox, OutcomeSink):
             self.down.close_input()
 
     def _env(self, job: Any) -> _Env:
-        return job if self.plain else job.env  # type: ignore[no-any-return]
+        env: _Env = job if self.plain else job.env
+        return env
 
     def _forward(self, env: _Env) -> None:
         if not self.parked and self.down.has_space():
@@ -332,15 +338,15 @@ class StageRunner(_Inbox, OutcomeSink):
         backoff = self.spec.backoff
         if backoff > 0:
             delay = backoff * 2 ** (attempt.number - 1) * (1 + _JITTER * random.random())
-            handle: asyncio.TimerHandle | None = None
+            handles: list[asyncio.TimerHandle] = []
 
             def due() -> None:
-                self.timers.discard(handle)  # type: ignore[arg-type]
+                self.timers.discard(handles[0])
                 self.ready.append(again)
                 self._dispatch()
 
-            handle = self.loop.call_later(delay, due)
-            self.timers.add(handle)
+            handles.append(self.loop.call_later(delay, due))
+            self.timers.add(handles[0])
         else:
             self.ready.appendleft(again)
         self._dispatch()
@@ -380,6 +386,7 @@ class StageRunner(_Inbox, OutcomeSink):
             return
         if self.fork is not None:
             w = attempt.worker
+            assert w is not None and job.results is not None
             job.results[w] = job.partials[w] if (job.partials is not None and self.gen_workers[w]) else value
             job.remaining -= 1
             if job.remaining:

@@ -105,7 +105,8 @@ class Stage:
     def __rshift__(self, other: Any) -> Flow:
         from ._pipeline import Flow
 
-        return Flow((self,)) >> other
+        flow: Flow = Flow((self,)) >> other
+        return flow
 
     def __repr__(self) -> str:
         s = self.spec
@@ -321,5 +322,6 @@ def as_stage(x: Any) -> Stage:
     if isinstance(x, Stage):
         return x
     if callable(x):
-        return work_pool(x)
+        stage: Stage = work_pool(x)
+        return stage
     raise TypeError(f"a pipeline stage must be a Stage, a callable or a Flow, got {x!r} ({type(x).__name__})")

@@ -111,7 +111,8 @@ def unwrap(result: Result[T]) -> T:
 def unwrap_err(result: Result[T]) -> BaseException:
     """The exception of an ``Err``; ``ValueError`` for an ``Ok``."""
     if isinstance(result, Err):
-        return result.error
+        error: BaseException = result.error
+        return error
     if isinstance(result, Ok):
         raise ValueError(f"unwrap_err() called on {result!r}")
     raise TypeError(f"unwrap_err() takes an Ok or Err, got {result!r}")
