@@ -307,9 +307,14 @@ def mix_pool(
         for i, w in enumerate(fns):
             if not callable(w):
                 raise TypeError(f"mix_pool factory {_callable_name(f)!r}: worker {i} is not callable: {w!r}")
-        spec = StageSpec(
-            name=name or _callable_name(f), workers=tuple(WorkerFn(w, fn_kind(w)) for w in fns), **opts
-        )
+        workers = tuple(WorkerFn(w, fn_kind(w)) for w in fns)
+        if opts["fork_merge"] is None and len({w.kind.is_generator for w in workers}) > 1:
+            kinds = ", ".join(f"{i}: {'generator' if w.kind.is_generator else 'function'}" for i, w in enumerate(workers))
+            raise ValueError(
+                f"mix_pool factory {_callable_name(f)!r} mixes generator and plain workers ({kinds}); "
+                "in pool mode an item's output must not depend on which worker takes it"
+            )
+        spec = StageSpec(name=name or _callable_name(f), workers=workers, **opts)
         return Stage(spec, f)
 
     if factory is None:

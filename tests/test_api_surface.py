@@ -1,0 +1,178 @@
+"""The public surface, the layering rules and configure()."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+import pypline
+from pypline import configure
+from pypline._config import Settings, current_settings, effective_agents, effective_keys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> Any:
+    configure()
+    yield
+    configure()
+
+
+def test_exact_public_exports() -> None:
+    """pypline exports exactly the curated names (a new public name is a deliberate decision)."""
+    assert sorted(pypline.__all__) == sorted(
+        [
+            "Flow",
+            "ItemFailure",
+            "Pipeline",
+            "PipelineError",
+            "PipelineStream",
+            "RemoteError",
+            "Settings",
+            "Stage",
+            "StageStartError",
+            "WorkerDied",
+            "WorkerInfo",
+            "WorkerLost",
+            "configure",
+            "current_worker",
+            "mix_pool",
+            "work_pool",
+        ]
+    )
+    import pypline.util as util
+
+    assert sorted(util.__all__) == ["Err", "Ok", "Result", "is_err", "is_ok", "unwrap", "unwrap_err", "unwrap_or"]
+
+
+def test_spec_import_lines_work() -> None:
+    """The imports SPEC §2 promises all resolve."""
+    from pypline import ItemFailure, PipelineError, RemoteError, WorkerDied, WorkerLost  # noqa: F401
+    from pypline import Pipeline, configure, current_worker, mix_pool, work_pool  # noqa: F401
+    from pypline.util import Err, Ok, Result, is_err, is_ok, unwrap, unwrap_err  # noqa: F401
+
+
+def test_import_is_light_and_backends_not_top_level() -> None:
+    """`import pypline` loads no zmq, click or multiprocessing; no top-level `backends` module exists."""
+    code = (
+        "import sys, pypline, pypline.util;"
+        "bad = [m for m in ('zmq', 'click', 'multiprocessing', 'cloudpickle', 'pypline.backends', 'backends') if m in sys.modules];"
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert "backends" not in sys.modules
+
+
+def test_engine_never_imports_backends_or_agent() -> None:
+    """One-way layering: no module of the engine imports pypline.backends or pypline.worker_agent."""
+    offenders = []
+    for path in (ROOT / "pypline").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for n in names:
+                if n.startswith(("pypline.backends", "pypline.worker_agent", "backends", "worker_agent", ".backends")):
+                    offenders.append(f"{path.name}: {n}")
+    assert not offenders
+
+
+def test_backends_use_only_public_namespaces() -> None:
+    """Backends import pypline's public modules only, never its private _modules."""
+    offenders = []
+    for path in list((ROOT / "backends").glob("*.py")) + list((ROOT / "worker_agent").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pypline."):
+                if any(part.startswith("_") for part in node.module.split(".")[1:]):
+                    offenders.append(f"{path.name}: {node.module}")
+    assert not offenders
+
+
+def test_py_typed_is_shipped() -> None:
+    """The package is marked typed."""
+    assert (pathlib.Path(pypline.__file__).parent / "py.typed").exists()
+
+
+def test_configure_sets_only_given_options_and_returns_previous() -> None:
+    """configure() changes only what it is given and returns the settings before the call."""
+    prev = configure(max_lost=5)
+    assert prev == Settings()
+    prev2 = configure(connect_timeout=1.5, agents=["tcp://127.0.0.1:5555"])
+    assert prev2.max_lost == 5 and prev2.connect_timeout == 5.0
+    now = current_settings()
+    assert (now.max_lost, now.connect_timeout, now.agents) == (5, 1.5, ("tcp://127.0.0.1:5555",))
+    configure()
+    assert current_settings() == Settings()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "word"),
+    [
+        ({"max_lost": -1}, ValueError, "max_lost"),
+        ({"max_lost": 1.5}, TypeError, "max_lost"),
+        ({"connect_timeout": 0}, ValueError, "connect_timeout"),
+        ({"heartbeat_timeout": "3"}, TypeError, "heartbeat_timeout"),
+        ({"fallback": "maybe"}, ValueError, "fallback"),
+        ({"agents": "tcp://127.0.0.1:1"}, TypeError, "agents"),
+        ({"keys": 3}, TypeError, "keys"),
+    ],
+)
+def test_configure_rejects_bad_values(kwargs: dict[str, Any], exc: type[Exception], word: str) -> None:
+    """A bad option value is a clear error naming the option."""
+    with pytest.raises(exc, match=word):
+        configure(**kwargs)
+
+
+def test_configure_unknown_option_is_type_error() -> None:
+    """Unknown options are a TypeError."""
+    with pytest.raises(TypeError):
+        configure(agentz=[])  # type: ignore[call-arg]
+
+
+def test_environment_applies_only_where_configure_has_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PYPLINE_AGENTS/PYPLINE_KEYS are read at use time and lose to configure()."""
+    monkeypatch.setenv("PYPLINE_AGENTS", "tcp://127.0.0.2:5555, tcp://127.0.0.3:5555")
+    monkeypatch.setenv("PYPLINE_KEYS", "/tmp/keys")
+    assert effective_agents(current_settings()) == ("tcp://127.0.0.2:5555", "tcp://127.0.0.3:5555")
+    assert effective_keys(current_settings()) == "/tmp/keys"
+    configure(agents=[], keys="/etc/k")
+    assert effective_agents(current_settings()) == ()
+    assert effective_keys(current_settings()) == "/etc/k"
+
+
+def test_registry_lists_known_and_resolves_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unknown names list the known backends; third-party entry points resolve lazily."""
+    from pypline import _registry
+    from pypline.executor import Backend
+
+    with pytest.raises(ValueError, match="known backends: .*asyncio.*process.*zmq"):
+        _registry.load_backend("nope")
+    monkeypatch.setattr(_registry, "_entry_points", lambda: {"mine": "pypline.testing:MockBackend"})
+    assert "mine" in _registry.known_backends()
+    cls = _registry.load_backend("mine")
+    assert issubclass(cls, Backend) and cls.__name__ == "MockBackend"
+    monkeypatch.setattr(_registry, "_entry_points", lambda: {"broken": "no_such_module_xyz:Thing"})
+    with pytest.raises(ImportError, match="broken"):
+        _registry.load_backend("broken")
+    monkeypatch.setattr(_registry, "_entry_points", lambda: {"notabackend": "pypline.util:Ok"})
+    with pytest.raises(TypeError, match="not a pypline.executor.Backend"):
+        _registry.load_backend("notabackend")
+
+
+def test_installed_entry_point_for_asyncio() -> None:
+    """The asyncio backend is registered under the entry-point group pypline.backends."""
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="pypline.backends")}
+    assert "asyncio" in names
