@@ -11,7 +11,9 @@
                                                                           ▼
                                        slot freed, then sink.ok / sink.error (same loop tick)
 
-Capacity is one attempt per worker. A worker task keeps taking attempts from the
+Capacity is ``buffer + num_workers``: the engine never lets a stage hold more, so
+the shared deque *is* the stage's input queue and items skip a hop. At most
+``num_workers`` attempts run at once. A worker task keeps taking attempts from the
 deque without suspending while they are there, so a burst of fast ``async def``
 calls runs back to back in one loop step.
 
@@ -129,7 +131,10 @@ class AsyncioExecutor(Executor):
         self._sink = sink
         self._loop = asyncio.get_running_loop()
         n = spec.num_workers
-        self._capacity = n
+        # The engine bounds a stage to buffer + num_workers items, so accepting that
+        # many lets queued attempts wait here (one queue, no second hop) while at most
+        # num_workers run at once.
+        self._capacity = n + spec.buffer
         self._own = [deque() for _ in range(n)]
         self._idle = [None] * n
         self._idle_order = []
@@ -270,7 +275,14 @@ class AsyncioExecutor(Executor):
             gen = fn(a.item)
             try:
                 for value in gen:
-                    cf = asyncio.run_coroutine_threadsafe(sink.emit(a, value), loop)
+                    if worker.abandoned:
+                        raise _Abandoned()
+                    coro = sink.emit(a, value)
+                    try:
+                        cf = asyncio.run_coroutine_threadsafe(coro, loop)
+                    except RuntimeError:  # the loop is closed: the run is over
+                        coro.close()
+                        raise _Abandoned() from None
                     while True:
                         if worker.abandoned:
                             cf.cancel()
@@ -319,7 +331,7 @@ class AsyncioExecutor(Executor):
             backend="asyncio",
             workers=len(self._own),
             capacity=self._capacity,
-            submitted=self._completed + len(self._own) - self._capacity,
+            submitted=self._completed + len(self._own) + self._spec.buffer - self._capacity,
             completed=self._completed,
             workers_replaced=self._replaced,
         )

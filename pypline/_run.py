@@ -64,27 +64,32 @@ def admission_bound(specs: Iterable[StageSpec]) -> int:
     return sum(s.buffer + s.num_workers for s in specs) + len(specs) + 1
 
 
-class _Src:
-    """One source item: how many of its descendants are still travelling."""
+class _Env(Attempt):
+    """An item travelling through the stages.
 
-    __slots__ = ("index", "live", "pending", "bucket")
+    In a plain stage the envelope is also its own first ``Attempt`` (no allocation
+    per item and stage); ``_owner`` names the stage it was last handed to, so a
+    stale report from an earlier stage can never be taken for a current one.
+    The *root* envelope of a source item (``src is self``) also keeps that item's
+    counters: descendants still travelling, results not yet taken, and the
+    ordered stream's bucket of finished results.
+    """
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.live = 1  # envelopes in the pipeline
-        self.pending = 0  # results in the stream's ready queue, not yet taken
-        self.bucket: list[tuple[tuple[int, ...], Result[Any]]] | None = None
+    __slots__ = ("src", "path", "index", "live", "pending", "bucket")
 
-
-class _Env:
-    """An item travelling through the stages; ``path`` orders flat-map outputs."""
-
-    __slots__ = ("src", "path", "value")
-
-    def __init__(self, src: _Src, path: tuple[int, ...], value: Any) -> None:
-        self.src = src
+    def __init__(self, src: _Env | None, path: tuple[int, ...], value: Any, index: int = -1) -> None:
+        self.item = value
+        self.worker = None
+        self.number = 1
+        self._job = None
+        self._settled = True
+        self._owner = None
+        self.src = self if src is None else src
         self.path = path
-        self.value = value
+        self.index = index
+        self.live = 1  # (root only) envelopes of this source item in the pipeline
+        self.pending = 0  # (root only) results in the stream's ready queue, not yet taken
+        self.bucket: list[tuple[tuple[int, ...], Result[Any]]] | None = None
 
 
 class _Job:
@@ -141,7 +146,15 @@ class _Collector(_Inbox):
         return True
 
     def push(self, env: _Env) -> None:
-        self.run._deliver(env)
+        run = self.run
+        if run.streaming:
+            run._deliver(env)
+            return
+        src = env.src  # run(): the hot path, inlined
+        run.outputs.append((src.index, env.path, env.item) if run.ordered else env.item)
+        src.live -= 1
+        if not src.live:
+            run._release()
 
     def add_space_listener(self, callback: Callable[[], None]) -> None:  # pragma: no cover - never full
         self.run.loop.call_soon(callback)
@@ -168,6 +181,11 @@ class StageRunner(_Inbox, OutcomeSink):
         self.ready: deque[Attempt] = deque()  # retries, re-dispatches, fork attempts
         self.parked: deque[_Env] = deque()  # finished, waiting for room downstream
         self.jobs = 0  # items taken from the inbox and not yet finished
+        # Items in this stage: inbox + with the executor + retrying + parked. At most
+        # buffer + num_workers, so an executor may hold queued items itself (the
+        # asyncio backend does): its queue and the inbox are one input queue.
+        self.held = 0
+        self.limit = spec.buffer + spec.num_workers
         self.timers: set[asyncio.TimerHandle] = set()
         self.listeners: list[Callable[[], None]] = []
         self.emit_waiters: list[asyncio.Future[None]] = []
@@ -176,8 +194,9 @@ class StageRunner(_Inbox, OutcomeSink):
         self.upstream_done = False
         self.finished = False
         self.stopping = False
-        self.buffer = spec.buffer
-        self.low_water = spec.buffer // 2
+        # Producers waiting for room are woken when the stage is half empty, so
+        # items move between stages in batches rather than one wake-up per item.
+        self.low_water = self.limit // 2
         self.fork = spec.fork_merge
         self.n = spec.num_workers
         self.flat = spec.fork_merge is None and spec.workers[0].kind.is_generator
@@ -189,18 +208,18 @@ class StageRunner(_Inbox, OutcomeSink):
     # --- the inbox, as the upstream hop sees it ------------------------------------------
 
     def has_space(self) -> bool:
-        return len(self.inbox) < self.buffer
+        return self.held < self.limit
 
     def push(self, env: _Env) -> None:
-        inbox = self.inbox
-        inbox.append(env)
-        if len(inbox) == 1 and self.plain and not self.parked and not self.stopping and not self.ready:
+        self.held += 1
+        if self.plain and not (self.inbox or self.parked or self.ready or self.stopping):
             ex = self.ex
-            if ex.capacity() > 0:  # the hot path: an idle worker takes it at once
-                inbox.popleft()
+            if ex.capacity() > 0:  # the hot path: straight to the executor
                 self.jobs += 1
-                ex.submit((Attempt(env.value, None, 1, env),))
-            return
+                env.number, env._job, env._settled, env._owner = 1, env, False, self
+                ex.submit((env,))
+                return
+        self.inbox.append(env)
         self._dispatch()
 
     def add_space_listener(self, callback: Callable[[], None]) -> None:
@@ -227,15 +246,22 @@ class StageRunner(_Inbox, OutcomeSink):
             if cap == 1 or len(inbox) == 1:  # the hot path: one slot just came free
                 env = inbox.popleft()
                 self.jobs += 1
-                ex.submit((Attempt(env.value, None, 1, env),))
+                env.number, env._job, env._settled, env._owner = 1, env, False, self
+                ex.submit((env,))
             else:
                 k = min(cap, len(inbox))
                 envs = [inbox.popleft() for _ in range(k)]
                 self.jobs += k
-                ex.submit([Attempt(e.value, None, 1, e) for e in envs])
+                for e in envs:
+                    e.number, e._job, e._settled, e._owner = 1, e, False, self
+                ex.submit(envs)
         else:
             self._dispatch_general(cap)
-        if self.listeners and len(inbox) <= self.low_water:
+
+    def _left(self) -> None:
+        """An item left this stage (forwarded, failed or replaced by its flat-map outputs)."""
+        self.held -= 1
+        if self.listeners and self.held <= self.low_water:
             self._notify_producers()
 
     def _notify_producers(self) -> None:
@@ -254,19 +280,20 @@ class StageRunner(_Inbox, OutcomeSink):
                 env = inbox.popleft()
                 self.jobs += 1
                 if self.plain:
-                    batch.append(Attempt(env.value, None, 1, env))
+                    env.number, env._job, env._settled, env._owner = 1, env, False, self
+                    batch.append(env)
                     cap -= 1
                     continue
                 job = _Job(env)
                 if self.fork is None:
-                    batch.append(Attempt(env.value, None, 1, job))
+                    batch.append(Attempt(env.item, None, 1, job, self))
                     cap -= 1
                 else:
                     job.remaining = self.n
                     job.results = [None] * self.n
                     if any(self.gen_workers):
                         job.partials = [[] for _ in range(self.n)]
-                    ready.extend(Attempt(env.value, i, 1, job) for i in range(self.n))
+                    ready.extend(Attempt(env.item, i, 1, job, self) for i in range(self.n))
             else:
                 break
         if batch:
@@ -290,6 +317,7 @@ class StageRunner(_Inbox, OutcomeSink):
     def _forward(self, env: _Env) -> None:
         if not self.parked and self.down.has_space():
             self.down.push(env)
+            self._left()
         else:
             self.parked.append(env)
             self._listen_downstream()
@@ -306,6 +334,7 @@ class StageRunner(_Inbox, OutcomeSink):
         parked, down = self.parked, self.down
         while parked and down.has_space():
             down.push(parked.popleft())
+            self._left()
         if parked or (self.emit_waiters and not down.has_space()):
             self._listen_downstream()
             return
@@ -331,10 +360,11 @@ class StageRunner(_Inbox, OutcomeSink):
         env = self._env(job)
         failure = ItemFailure(env.src.index, self.name, attempt.item, exc, attempt.number)
         self.run._item_failed(env, failure)
+        self._left()
         self._finish(job)
 
     def _retry(self, attempt: Attempt, number: int) -> None:
-        again = Attempt(attempt.item, attempt.worker, number, attempt._job)
+        again = Attempt(attempt.item, attempt.worker, number, attempt._job, self)
         backoff = self.spec.backoff
         if backoff > 0:
             delay = backoff * 2 ** (attempt.number - 1) * (1 + _JITTER * random.random())
@@ -354,15 +384,18 @@ class StageRunner(_Inbox, OutcomeSink):
     # --- the sink, as the executor sees it ---------------------------------------------------
 
     def ok(self, attempt: Attempt, value: Any) -> None:
-        if attempt._settled:
+        if attempt._settled or attempt._owner is not self:
             return
         attempt._settled = True
         job = attempt._job
         if self.plain:  # the hot path, inlined: forward, then take the next item
-            job.value = value
+            job.item = value
             down = self.down
             if not self.parked and down.has_space():
                 down.push(job)
+                self.held -= 1
+                if self.listeners and self.held <= self.low_water:
+                    self._notify_producers()
             else:
                 self.parked.append(job)
                 self._listen_downstream()
@@ -373,9 +406,8 @@ class StageRunner(_Inbox, OutcomeSink):
             if inbox and not self.parked and not self.stopping and not self.ready and self.ex.capacity() > 0:
                 env = inbox.popleft()
                 self.jobs += 1
-                self.ex.submit((Attempt(env.value, None, 1, env),))
-                if self.listeners and len(inbox) <= self.low_water:
-                    self._notify_producers()
+                env.number, env._job, env._settled, env._owner = 1, env, False, self
+                self.ex.submit((env,))
             elif self.ready:
                 self._dispatch()
             if self.upstream_done:
@@ -397,14 +429,15 @@ class StageRunner(_Inbox, OutcomeSink):
             except Exception as exc:  # the merge function failed: the item fails, not retried
                 self._fail(job, attempt, exc)
                 return
-            job.env.value = merged
+            job.env.item = merged
             self._forward(job.env)
         else:  # flat map: the parent is replaced by what it yielded
             self.run._drop(job.env.src)
+            self._left()
         self._finish(job)
 
     def error(self, attempt: Attempt, exc: BaseException) -> None:
-        if attempt._settled:
+        if attempt._settled or attempt._owner is not self:
             return
         attempt._settled = True
         job = attempt._job
@@ -423,7 +456,7 @@ class StageRunner(_Inbox, OutcomeSink):
             self._fail(job, attempt, exc)
 
     def lost(self, attempt: Attempt, where: str) -> None:
-        if attempt._settled:
+        if attempt._settled or attempt._owner is not self:
             return
         attempt._settled = True
         job = attempt._job
@@ -446,11 +479,11 @@ class StageRunner(_Inbox, OutcomeSink):
         if not self.plain and job.partials is not None:
             job.partials[attempt.worker] = []
         # Not the item's fault: same attempt number, front of the queue.
-        self.ready.appendleft(Attempt(attempt.item, attempt.worker, attempt.number, job))
+        self.ready.appendleft(Attempt(attempt.item, attempt.worker, attempt.number, job, self))
         self._dispatch()
 
     async def emit(self, attempt: Attempt, value: Any) -> None:
-        if attempt._settled or self.plain:
+        if attempt._settled or attempt._owner is not self or self.plain:
             return
         job: _Job = attempt._job
         if job.failed or self.stopping:
@@ -480,6 +513,11 @@ class StageRunner(_Inbox, OutcomeSink):
         for t in self.timers:
             t.cancel()
         self.timers.clear()
+        # Generators blocked on room downstream return now (emit sees stopping).
+        waiters, self.emit_waiters = self.emit_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
 
 class Run:
@@ -517,9 +555,9 @@ class Run:
         self.failures: list[ItemFailure] = []
         self.cause: BaseException | None = None
         self.source_failure: ItemFailure | None = None
-        self.ready: deque[tuple[_Src | None, Result[Any]]] = deque()
+        self.ready: deque[tuple[_Env | None, Result[Any]]] = deque()
         self.consumer: asyncio.Future[None] | None = None
-        self.order: deque[_Src] = deque()
+        self.order: deque[_Env] = deque()
         self.runners: list[StageRunner] = []
         self.executors: list[Executor] = []
         self.backends: list[Backend] = []
@@ -632,11 +670,10 @@ class Run:
                     self._source_failed(index, exc)
                     break
                 self.permits -= 1
-                src = _Src(index)
+                env = _Env(None, (), value, index)
                 index += 1
                 if self.streaming and self.ordered:
-                    self.order.append(src)
-                env = _Env(src, (), value)
+                    self.order.append(env)
                 if not first.has_space():
                     await _wait_for_space(loop, first)
                 first.push(env)
@@ -670,11 +707,11 @@ class Run:
         src = env.src
         if not self.streaming:
             if self.ordered:
-                self.outputs.append((src.index, env.path, env.value))
+                self.outputs.append((src.index, env.path, env.item))
             else:
-                self.outputs.append(env.value)
+                self.outputs.append(env.item)
         else:
-            self._stream_result(src, env.path, Ok(env.value))
+            self._stream_result(src, env.path, Ok(env.item))
         self._drop(src)
 
     def _item_failed(self, env: _Env, failure: ItemFailure) -> None:
@@ -687,7 +724,7 @@ class Run:
             self._stream_result(src, env.path, Err(failure))
         self._drop(src)
 
-    def _stream_result(self, src: _Src, path: tuple[int, ...], result: Result[Any]) -> None:
+    def _stream_result(self, src: _Env, path: tuple[int, ...], result: Result[Any]) -> None:
         if self.ordered:
             if src.bucket is None:
                 src.bucket = []
@@ -697,7 +734,7 @@ class Run:
             self.ready.append((src, result))
             self._wake_consumer()
 
-    def _drop(self, src: _Src) -> None:
+    def _drop(self, src: _Env) -> None:
         """One of ``src``'s envelopes left the pipeline."""
         src.live -= 1
         if src.live:

@@ -75,14 +75,15 @@ class Attempt:
     elsewhere numbers them itself and keeps its own id -> attempt table.
     """
 
-    __slots__ = ("item", "worker", "number", "_job", "_settled")
+    __slots__ = ("item", "worker", "number", "_job", "_settled", "_owner")
 
-    def __init__(self, item: Any, worker: int | None, number: int, job: Any = None) -> None:
+    def __init__(self, item: Any, worker: int | None, number: int, job: Any = None, owner: Any = None) -> None:
         self.item = item
         self.worker = worker
         self.number = number
         self._job = job
         self._settled = False
+        self._owner = owner
 
     def __repr__(self) -> str:
         return f"<Attempt item={self.item!r} worker={self.worker} number={self.number}>"

@@ -31,7 +31,7 @@ E = TypeVar("E", bound=BaseException)
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Ok(Generic[T]):
     """A successful result holding ``value``."""
 
@@ -56,7 +56,7 @@ class Ok(Generic[T]):
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Err(Generic[E]):
     """A failed result holding the exception ``error``."""
 
