@@ -19,7 +19,10 @@ _FALLBACKS = ("local", "error")
 
 @dataclass(frozen=True)
 class Settings:
-    """Every option of ``configure()``. ``agents``/``keys`` are ``None`` when not set."""
+    """Every option of ``configure()``. ``agents``/``keys`` are ``None`` when not set.
+
+    ``configure(previous)`` restores a snapshot exactly, unset options included.
+    """
 
     agents: tuple[str, ...] | None = None
     keys: str | None = None
@@ -27,6 +30,7 @@ class Settings:
     connect_timeout: float = 5.0
     heartbeat_timeout: float = 3.0
     max_lost: int = 3
+
 
 
 _settings = Settings()
@@ -41,6 +45,8 @@ def _positive(name: str, value: Any) -> float:
 
 
 def configure(
+    restore: Settings | None = None,
+    /,
     *,
     agents: list[str] | tuple[str, ...] | None = None,
     keys: str | os.PathLike[str] | None = None,
@@ -51,11 +57,17 @@ def configure(
 ) -> Settings:
     """Set process-wide options; only those given change. Returns the previous settings.
 
-    ``configure()`` with no arguments resets every option to its default.
+    ``configure()`` with no arguments resets every option to its default;
+    ``configure(previous)`` puts back a snapshot that an earlier call returned.
     ``agents=[]`` means local execution even if ``PYPLINE_AGENTS`` is set.
     """
     global _settings
     previous = _settings
+    if restore is not None:
+        if not isinstance(restore, Settings):
+            raise TypeError(f"configure() takes a Settings snapshot or keyword options, got {restore!r}")
+        _settings = restore
+        return previous
     changes: dict[str, Any] = {}
     if agents is not None:
         if isinstance(agents, str) or not isinstance(agents, (list, tuple)):

@@ -102,6 +102,43 @@ class Stage:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def buffer(self) -> int:
+        return self.spec.buffer
+
+    @property
+    def retries(self) -> int:
+        return self.spec.retries
+
+    @property
+    def num_workers(self) -> int:
+        return self.spec.num_workers
+
+    @property
+    def multi_proc(self) -> bool:
+        return self.spec.multi_proc
+
+    @property
+    def fork_merge(self) -> Callable[[list[Any]], Any] | None:
+        return self.spec.fork_merge
+
+    @property
+    def timeout(self) -> float | None:
+        return self.spec.timeout
+
+    @property
+    def backoff(self) -> float:
+        return self.spec.backoff
+
+    @property
+    def retry_on(self) -> tuple[type[BaseException], ...]:
+        return self.spec.retry_on
+
+    @property
+    def workers(self) -> tuple[Callable[..., Any], ...]:
+        """Each worker's function (``num_workers`` copies of one for a ``work_pool``)."""
+        return tuple(w.fn for w in self.spec.workers)
+
     def __rshift__(self, other: Any) -> Flow:
         from ._pipeline import Flow
 

@@ -176,3 +176,33 @@ def test_installed_entry_point_for_asyncio() -> None:
 
     names = {ep.name for ep in entry_points(group="pypline.backends")}
     assert "asyncio" in names
+
+
+def test_configure_restores_a_snapshot() -> None:
+    """configure(previous) puts back exactly what an earlier call returned, unset options included."""
+    before = configure(agents=["tcp://127.0.0.1:5555"], max_lost=7)
+    configure(keys="/k")
+    configure(before)
+    assert current_settings() == Settings()
+    with pytest.raises(TypeError, match="Settings snapshot"):
+        configure({"max_lost": 1})  # type: ignore[arg-type]
+
+
+def test_stage_exposes_its_configuration() -> None:
+    """A Stage reads back its validated configuration."""
+    from pypline import mix_pool, work_pool
+
+    @work_pool(num_workers=3, buffer=7, retries=2, timeout=1.5, backoff=0.25, retry_on=KeyError, name="s")
+    async def f(x: int) -> int:
+        return x
+
+    assert (f.num_workers, f.buffer, f.retries, f.timeout, f.backoff, f.retry_on, f.name) == (
+        3, 7, 2, 1.5, 0.25, (KeyError,), "s"
+    )
+    assert f.workers == (f.__wrapped__,) * 3 and not f.multi_proc and f.fork_merge is None
+
+    @mix_pool(fork_merge=sum)
+    def m() -> list[Any]:
+        return [abs, round]
+
+    assert m.workers == (abs, round) and m.num_workers == 2 and m.fork_merge is sum
