@@ -30,6 +30,7 @@ import concurrent.futures
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Sequence
 
@@ -44,7 +45,7 @@ from pypline.executor import (
     WorkerFn,
     WorkerInfo,
 )
-from pypline.lowlevel import set_worker_info
+from pypline.lowlevel import LATENCY_SAMPLE_EVERY, set_worker_info
 
 __all__ = ["AsyncioBackend", "AsyncioExecutor"]
 
@@ -123,6 +124,8 @@ class AsyncioExecutor(Executor):
         self._own: list[deque[Attempt]] = []
         self._idle: list[asyncio.Future[None] | None] = []
         self._idle_order: list[int] = []  # idle workers, most recent last
+        # Sampled attempt durations: bounded, so a long run keeps a recent window.
+        self._latencies: deque[float] = deque(maxlen=2048)
         self._targeted = False
         self._closed = False
 
@@ -186,6 +189,11 @@ class AsyncioExecutor(Executor):
         timeout = self._spec.timeout
         fast = kind is FnKind.ASYNC and timeout is None
         number = 0
+        # Time one attempt in LATENCY_SAMPLE_EVERY; a negative countdown never reaches 0.
+        every = LATENCY_SAMPLE_EVERY if sink.timing else -1
+        countdown = every
+        samples = self._latencies
+        clock = time.perf_counter
         while True:
             if own:
                 a = own.popleft()
@@ -200,6 +208,12 @@ class AsyncioExecutor(Executor):
             if a.number != number:
                 number = a.number
                 set_worker_info(self._info(i, number))
+            countdown -= 1
+            if countdown:
+                t0 = 0.0
+            else:
+                countdown = every
+                t0 = clock()
             try:
                 if fast:
                     value = await fn(a.item)
@@ -208,10 +222,14 @@ class AsyncioExecutor(Executor):
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # the user's function failed: report, keep serving
+                if t0:
+                    samples.append(clock() - t0)
                 self._capacity += 1
                 self._completed += 1
                 sink.error(a, exc)
                 continue
+            if t0:
+                samples.append(clock() - t0)
             self._capacity += 1
             self._completed += 1
             sink.ok(a, value)
@@ -327,6 +345,8 @@ class AsyncioExecutor(Executor):
                     w.thread.join()
 
     def statistics(self) -> ExecutorStatistics:
+        lat = tuple(self._latencies)
+        busy = (sum(lat) / len(lat)) * self._completed if lat else None
         return ExecutorStatistics(
             backend="asyncio",
             workers=len(self._own),
@@ -334,6 +354,9 @@ class AsyncioExecutor(Executor):
             submitted=self._completed + len(self._own) + self._spec.buffer - self._capacity,
             completed=self._completed,
             workers_replaced=self._replaced,
+            running=sum(1 for f in self._idle if f is None) if not self._closed else 0,
+            busy_seconds=busy,
+            latencies=lat,
         )
 
 

@@ -10,6 +10,7 @@ The layers, each importing only the ones above it::
       executor.py                 the Executor contract backends implement (public)
       _registry.py                backend name -> Backend class, lazily, then entry points
       _config.py                  configure() and PYPLINE_* environment variables
+      _stats.py, _progress.py     run statistics, bottleneck hint, live progress lines
       lowlevel.py, testing.py     for backend authors and for users' tests
     pypline.backends              asyncio (loop + threads), process, zmq; use only the public API
     pypline.worker_agent          the pypline-agent daemon
@@ -22,6 +23,7 @@ from ._context import WorkerInfo, current_worker
 from ._errors import ItemFailure, PipelineError, RemoteError, StageStartError, WorkerDied, WorkerLost
 from ._pipeline import Flow, Pipeline, PipelineStream
 from ._stage import Stage, mix_pool, work_pool
+from ._stats import RunStatistics, StageStatistics
 
 __version__ = "0.1.0"
 
@@ -32,9 +34,11 @@ __all__ = [
     "PipelineError",
     "PipelineStream",
     "RemoteError",
+    "RunStatistics",
     "Settings",
     "Stage",
     "StageStartError",
+    "StageStatistics",
     "WorkerDied",
     "WorkerInfo",
     "WorkerLost",

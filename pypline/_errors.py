@@ -98,7 +98,8 @@ class ItemFailure(Exception):
 
     ``index`` is the item's position in the source, ``stage`` the failing stage's
     name, ``item`` the value that stage received, ``error`` the last exception and
-    ``attempts`` how many attempts were made.
+    ``attempts`` how many attempts were made (of ``max_attempts``, the stage's
+    ``retries``, when known).
     """
 
     index: int
@@ -106,16 +107,34 @@ class ItemFailure(Exception):
     item: Any
     error: BaseException
     attempts: int
+    max_attempts: int | None = None
 
     def __post_init__(self) -> None:
-        Exception.__init__(self, self.index, self.stage, self.item, self.error, self.attempts)
+        Exception.__init__(self, self.index, self.stage, self.item, self.error, self.attempts, self.max_attempts)
+
+    def __reduce__(self) -> Any:
+        return (ItemFailure, (self.index, self.stage, self.item, self.error, self.attempts, self.max_attempts))
 
     def __str__(self) -> str:
-        err = f"{type(self.error).__name__}: {self.error}"
-        return (
+        err = f"{type(self.error).__name__}: {self.error}" if str(self.error) else type(self.error).__name__
+        of = f"/{self.max_attempts}" if self.max_attempts is not None else ""
+        text = (
             f"stage {self.stage!r} failed item #{self.index} ({_short(self.item)}) "
-            f"after {self.attempts} attempt{'s' if self.attempts != 1 else ''}: {err}"
+            f"after {self.attempts}{of} attempt{'s' if (self.max_attempts or self.attempts) != 1 else ''}: {err}"
         )
+        remote = _remote_traceback(self.error)
+        if remote:
+            text += "\n  remote traceback:\n    " + remote.rstrip().replace("\n", "\n    ")
+        return text
+
+
+def _remote_traceback(error: BaseException) -> str:
+    """The traceback text of a failure elsewhere (the error or its cause), if it carries one."""
+    for e in (error, error.__cause__):
+        text = getattr(e, "traceback_text", None)
+        if isinstance(text, str) and text:
+            return text
+    return ""
 
 
 @dataclass(eq=False)

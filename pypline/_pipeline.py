@@ -7,12 +7,14 @@ tuples; nothing runs until ``run()``, ``run_sync()`` or ``stream()``.
 from __future__ import annotations
 
 import asyncio
+import sys
 from types import TracebackType
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ._errors import PipelineError
 from ._run import Run
 from ._stage import Stage, as_stage
+from ._stats import RunStatistics
 from .executor import Backend
 from .util import Result
 
@@ -55,10 +57,26 @@ def _check_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
+_Reporting = tuple[bool, "Callable[[RunStatistics], None] | None", float, bool]
+
+
+def _check_reporting(progress: Any, on_stats: Any, interval: Any, stats: Any) -> None:
+    _check_bool("progress", progress)
+    _check_bool("stats", stats)
+    if not stats and (progress or on_stats is not None):
+        raise ValueError("progress=True and on_stats need statistics; they cannot be used with stats=False")
+    if on_stats is not None and not callable(on_stats):
+        raise TypeError(f"on_stats must be callable or None, got {on_stats!r}")
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+        raise TypeError(f"stats_interval must be a number, got {interval!r}")
+    if not interval > 0:
+        raise ValueError(f"stats_interval must be > 0, got {interval!r}")
+
+
 class Pipeline:
     """A source and the stages its items go through. Immutable: ``>>`` returns a new one."""
 
-    __slots__ = ("_source", "_stages")
+    __slots__ = ("_source", "_stages", "_last_stats")
 
     def __init__(self, source: Any, _stages: tuple[Stage, ...] = ()) -> None:
         if not (hasattr(source, "__aiter__") or hasattr(source, "__iter__")):
@@ -67,6 +85,7 @@ class Pipeline:
             )
         self._source = source
         self._stages = _stages
+        self._last_stats: RunStatistics | None = None
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -75,6 +94,11 @@ class Pipeline:
     @property
     def source(self) -> Any:
         return self._source
+
+    @property
+    def last_stats(self) -> RunStatistics | None:
+        """Statistics of this pipeline's last finished run or stream (``None`` before one)."""
+        return self._last_stats
 
     def stage(self, x: Stage | Flow | Any) -> Pipeline:
         """A new pipeline with ``x`` appended (a Stage, a plain callable or a Flow)."""
@@ -88,7 +112,15 @@ class Pipeline:
         return f"Pipeline({type(self._source).__name__}{names})"
 
     async def run(
-        self, *, ordered: bool = True, fail_fast: bool = False, executor: str | Backend | None = None
+        self,
+        *,
+        ordered: bool = True,
+        fail_fast: bool = False,
+        executor: str | Backend | None = None,
+        progress: bool = False,
+        on_stats: Callable[[RunStatistics], None] | None = None,
+        stats_interval: float = 0.5,
+        stats: bool = True,
     ) -> Result[list[Any]]:
         """Run every item through every stage; ``Ok(outputs)`` or ``Err(PipelineError)``.
 
@@ -96,30 +128,56 @@ class Pipeline:
         source order. ``fail_fast=True`` stops at the first failure. ``executor``
         names the backend (or is a ``Backend``) for ``multi_proc=True`` stages.
         Cancelling the awaiting task stops every stage and re-raises ``CancelledError``.
+
+        ``progress=True`` draws one live line per stage on stderr when it is a
+        terminal. ``on_stats(RunStatistics)`` is called every ``stats_interval``
+        seconds and once more at the end; ``pipeline.last_stats`` keeps the final one.
+        ``stats=False`` skips timing samples and the final snapshot (the engine's
+        counters are its own bookkeeping and are always kept).
         """
         _check_bool("ordered", ordered)
         _check_bool("fail_fast", fail_fast)
-        run = Run(self._stages, self._source, ordered=ordered, fail_fast=fail_fast, streaming=False, executor=executor)
+        _check_reporting(progress, on_stats, stats_interval, stats)
+        run = Run(
+            self._stages,
+            self._source,
+            ordered=ordered,
+            fail_fast=fail_fast,
+            streaming=False,
+            executor=executor,
+            timing=stats,
+        )
         try:
             if await run.start():
+                run.start_reporting(on_stats, progress, stats_interval, sys.stderr)
                 await run.finished
         finally:
-            await run.shutdown()
+            try:
+                await run.shutdown()
+            finally:
+                self._last_stats = await run.finish_reporting() if stats else None
         return run.result()
 
-    def run_sync(
-        self, *, ordered: bool = True, fail_fast: bool = False, executor: str | Backend | None = None
-    ) -> Result[list[Any]]:
-        """``run()`` from synchronous code (starts and closes its own event loop)."""
+    def run_sync(self, **kwargs: Any) -> Result[list[Any]]:
+        """``run(**kwargs)`` from synchronous code (starts and closes its own event loop)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.run(ordered=ordered, fail_fast=fail_fast, executor=executor))
+            return asyncio.run(self.run(**kwargs))
         raise RuntimeError(
             "Pipeline.run_sync() was called from inside a running event loop; use `await pipeline.run()` there"
         )
 
-    def stream(self, *, ordered: bool = False, executor: str | Backend | None = None) -> PipelineStream:
+    def stream(
+        self,
+        *,
+        ordered: bool = False,
+        executor: str | Backend | None = None,
+        progress: bool = False,
+        on_stats: Callable[[RunStatistics], None] | None = None,
+        stats_interval: float = 0.5,
+        stats: bool = True,
+    ) -> PipelineStream:
         """An async iterator of one ``Result`` per output: ``Ok(value)`` or ``Err(ItemFailure)``.
 
         A slow consumer slows the whole pipeline (the §2.6 bound holds).
@@ -128,28 +186,46 @@ class Pipeline:
         closes deterministically.
         """
         _check_bool("ordered", ordered)
-        return PipelineStream(self, ordered, executor)
+        _check_reporting(progress, on_stats, stats_interval, stats)
+        return PipelineStream(self, ordered, executor, (progress, on_stats, stats_interval, stats))
 
 
 class PipelineStream:
     """The async iterator returned by ``Pipeline.stream()``; also an async context manager."""
 
-    def __init__(self, pipeline: Pipeline, ordered: bool, executor: str | Backend | None) -> None:
-        self._agen = self._results(pipeline, ordered, executor)
+    def __init__(
+        self, pipeline: Pipeline, ordered: bool, executor: str | Backend | None, reporting: _Reporting
+    ) -> None:
+        self._agen = self._results(pipeline, ordered, executor, reporting)
 
     @staticmethod
-    async def _results(pipeline: Pipeline, ordered: bool, executor: str | Backend | None) -> AsyncIterator[Result[Any]]:
-        run = Run(pipeline.stages, pipeline.source, ordered=ordered, fail_fast=False, streaming=True, executor=executor)
+    async def _results(
+        pipeline: Pipeline, ordered: bool, executor: str | Backend | None, reporting: _Reporting
+    ) -> AsyncIterator[Result[Any]]:
+        progress, on_stats, interval, stats = reporting
+        run = Run(
+            pipeline.stages,
+            pipeline.source,
+            ordered=ordered,
+            fail_fast=False,
+            streaming=True,
+            executor=executor,
+            timing=stats,
+        )
         try:
             if not await run.start():
                 raise PipelineError(cause=run.cause)
+            run.start_reporting(on_stats, progress, interval, sys.stderr)
             while True:
                 result = await run.next_result()
                 if result is None:
                     return
                 yield result
         finally:
-            await run.shutdown()
+            try:
+                await run.shutdown()
+            finally:
+                pipeline._last_stats = await run.finish_reporting() if stats else None
 
     def __aiter__(self) -> PipelineStream:
         return self

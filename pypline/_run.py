@@ -34,15 +34,19 @@ makes pypline faster than a hand-written ``asyncio.Queue`` chain.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import time
 from operator import itemgetter
 from collections import deque
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, TextIO
 
 from ._config import current_settings, effective_agents
 from ._errors import ItemFailure, PipelineError, StageStartError, WorkerLost
 from ._registry import load_backend
-from .executor import Attempt, Backend, Executor, OutcomeSink
+from ._progress import REFRESH_SECONDS, ProgressRenderer
+from ._stats import RunStatistics, StageStatistics, bottleneck, percentile
+from .executor import Attempt, Backend, Executor, ExecutorStatistics, OutcomeSink
 from .util import Err, Ok, Result
 
 if TYPE_CHECKING:
@@ -51,6 +55,8 @@ if TYPE_CHECKING:
 __all__ = ["Run", "admission_bound"]
 
 SOURCE_STAGE = "<source>"
+
+log = logging.getLogger("pypline.engine")
 
 # Backoff jitter: each sleep is the nominal ``backoff * 2**(attempt-1)`` plus up to
 # this fraction more, so retries of many items that failed together spread out
@@ -62,6 +68,43 @@ def admission_bound(specs: Iterable[StageSpec]) -> int:
     """The §2.6 bound: ``sum(buffer + num_workers) + len(stages) + 1``."""
     specs = list(specs)
     return sum(s.buffer + s.num_workers for s in specs) + len(specs) + 1
+
+
+def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
+    try:
+        es = r.ex.statistics()
+    except Exception:  # an executor that never started (or a broken one) must not hide the run's result
+        es = ExecutorStatistics(backend=type(r.ex).__name__, workers=r.n, capacity=0, submitted=0, completed=0)
+    lat = sorted(es.latencies)
+    workers = r.spec.num_workers
+    busy = es.busy_seconds
+    succeeded = r.pushed - r.held - r.failed
+    taken = r.pushed - len(r.inbox)
+    return StageStatistics(
+        name=r.name,
+        backend=es.backend,
+        workers=workers,
+        buffer=r.spec.buffer,
+        received=r.pushed,
+        succeeded=succeeded,
+        failed=r.failed,
+        outputs=r.outputs if r.flat else succeeded,
+        attempts=taken * (workers if r.fork is not None else 1) + r.retried + r.lost_count,
+        retries=r.retried,
+        lost=r.lost_count,
+        workers_replaced=es.workers_replaced,
+        busy_seconds=busy,
+        utilisation=min(1.0, busy / (elapsed * workers)) if busy is not None else None,
+        latency_mean=sum(lat) / len(lat) if lat else None,
+        latency_p50=percentile(lat, 0.5),
+        latency_p95=percentile(lat, 0.95),
+        latency_max=lat[-1] if lat else None,
+        queue_depth=r.held,
+        queue_max=max(r.queue_max, r.held),
+        capacity=r.limit,
+        times_full=r.times_full,
+        throughput=succeeded / elapsed,
+    )
 
 
 class _Env(Attempt):
@@ -111,6 +154,8 @@ class _Job:
 class _Inbox:
     """What a producer sees of the next hop: room, push, wait-for-room, end of input."""
 
+    __slots__ = ()
+
     def has_space(self) -> bool:
         raise NotImplementedError
 
@@ -138,6 +183,8 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 class _Collector(_Inbox):
     """The end of the pipeline: hands outputs to the run. Always has room (permits bound it)."""
+
+    __slots__ = ("run",)
 
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -170,6 +217,15 @@ class StageRunner(_Inbox, OutcomeSink):
     itself; fork and flat-map stages keep a ``_Job`` per item for their counters.
     """
 
+    # Slots, not a __dict__: past ~30 attributes CPython stops inlining instance
+    # attributes and every access on the hot path gets slower.
+    __slots__ = (
+        "run", "loop", "spec", "name", "ex", "down", "inbox", "ready", "parked", "held", "pushed",
+        "queue_max", "times_full", "failed", "outputs", "retried", "lost_count", "limit", "timers",
+        "listeners", "emit_waiters", "lost_info", "waiting_space", "upstream_done", "finished", "stopping",
+        "low_water", "fork", "n", "flat", "plain", "gen_workers", "retries", "retry_on", "timing",
+    )
+
     def __init__(self, run: Run, spec: StageSpec, executor: Executor, down: _Inbox) -> None:
         self.run = run
         self.loop = run.loop
@@ -180,11 +236,17 @@ class StageRunner(_Inbox, OutcomeSink):
         self.inbox: deque[_Env] = deque()
         self.ready: deque[Attempt] = deque()  # retries, re-dispatches, fork attempts
         self.parked: deque[_Env] = deque()  # finished, waiting for room downstream
-        self.jobs = 0  # items taken from the inbox and not yet finished
         # Items in this stage: inbox + with the executor + retrying + parked. At most
         # buffer + num_workers, so an executor may hold queued items itself (the
         # asyncio backend does): its queue and the inbox are one input queue.
-        self.held = 0
+        self.held = 0  # items in the stage now
+        self.pushed = 0  # items received (monotonic); those that left = pushed - held
+        self.queue_max = 0
+        self.times_full = 0
+        self.failed = 0
+        self.outputs = 0  # flat map: values yielded
+        self.retried = 0
+        self.lost_count = 0
         self.limit = spec.buffer + spec.num_workers
         self.timers: set[asyncio.TimerHandle] = set()
         self.listeners: list[Callable[[], None]] = []
@@ -204,6 +266,7 @@ class StageRunner(_Inbox, OutcomeSink):
         self.gen_workers = [w.kind.is_generator for w in spec.workers]
         self.retries = spec.retries
         self.retry_on = spec.retry_on
+        self.timing = run.timing
 
     # --- the inbox, as the upstream hop sees it ------------------------------------------
 
@@ -211,11 +274,11 @@ class StageRunner(_Inbox, OutcomeSink):
         return self.held < self.limit
 
     def push(self, env: _Env) -> None:
+        self.pushed += 1
         self.held += 1
         if self.plain and not (self.inbox or self.parked or self.ready or self.stopping):
             ex = self.ex
             if ex.capacity() > 0:  # the hot path: straight to the executor
-                self.jobs += 1
                 env.number, env._job, env._settled, env._owner = 1, env, False, self
                 ex.submit((env,))
                 return
@@ -223,6 +286,8 @@ class StageRunner(_Inbox, OutcomeSink):
         self._dispatch()
 
     def add_space_listener(self, callback: Callable[[], None]) -> None:
+        self.times_full += 1
+        self.queue_max = self.limit
         self.listeners.append(callback)
 
     def close_input(self) -> None:
@@ -245,13 +310,11 @@ class StageRunner(_Inbox, OutcomeSink):
                 return
             if cap == 1 or len(inbox) == 1:  # the hot path: one slot just came free
                 env = inbox.popleft()
-                self.jobs += 1
                 env.number, env._job, env._settled, env._owner = 1, env, False, self
                 ex.submit((env,))
             else:
                 k = min(cap, len(inbox))
                 envs = [inbox.popleft() for _ in range(k)]
-                self.jobs += k
                 for e in envs:
                     e.number, e._job, e._settled, e._owner = 1, e, False, self
                 ex.submit(envs)
@@ -278,7 +341,6 @@ class StageRunner(_Inbox, OutcomeSink):
                 cap -= 1
             elif inbox:
                 env = inbox.popleft()
-                self.jobs += 1
                 if self.plain:
                     env.number, env._job, env._settled, env._owner = 1, env, False, self
                     batch.append(env)
@@ -303,9 +365,7 @@ class StageRunner(_Inbox, OutcomeSink):
         if (
             self.upstream_done
             and not self.finished
-            and self.jobs == 0
-            and not self.inbox
-            and not self.parked
+            and self.held == 0  # nothing queued, running, retrying or parked
         ):
             self.finished = True
             self.down.close_input()
@@ -347,7 +407,6 @@ class StageRunner(_Inbox, OutcomeSink):
 
     def _finish(self, job: Any) -> None:
         """An item left this stage (forwarded, filtered or failed): make room for the next."""
-        self.jobs -= 1
         if self.lost_info:
             self.lost_info.pop(job, None)
         self._dispatch()
@@ -358,12 +417,14 @@ class StageRunner(_Inbox, OutcomeSink):
         if not self.plain:
             job.failed = True
         env = self._env(job)
-        failure = ItemFailure(env.src.index, self.name, attempt.item, exc, attempt.number)
+        self.failed += 1
+        failure = ItemFailure(env.src.index, self.name, attempt.item, exc, attempt.number, self.retries)
         self.run._item_failed(env, failure)
         self._left()
         self._finish(job)
 
     def _retry(self, attempt: Attempt, number: int) -> None:
+        self.retried += 1
         again = Attempt(attempt.item, attempt.worker, number, attempt._job, self)
         backoff = self.spec.backoff
         if backoff > 0:
@@ -399,13 +460,11 @@ class StageRunner(_Inbox, OutcomeSink):
             else:
                 self.parked.append(job)
                 self._listen_downstream()
-            self.jobs -= 1
             if self.lost_info:
                 self.lost_info.pop(job, None)
             inbox = self.inbox
             if inbox and not self.parked and not self.stopping and not self.ready and self.ex.capacity() > 0:
                 env = inbox.popleft()
-                self.jobs += 1
                 env.number, env._job, env._settled, env._owner = 1, env, False, self
                 self.ex.submit((env,))
             elif self.ready:
@@ -463,6 +522,7 @@ class StageRunner(_Inbox, OutcomeSink):
         if not self.plain and job.failed:
             self._dispatch()
             return
+        self.lost_count += 1
         agents = self.lost_info.setdefault(job, [])
         agents.append(where)
         emitted = 0 if self.plain else job.emitted
@@ -494,6 +554,7 @@ class StageRunner(_Inbox, OutcomeSink):
         env = job.env
         src = env.src
         child = _Env(src, env.path + (job.emitted,), value)
+        self.outputs += 1
         job.emitted += 1
         src.live += 1
         while self.parked or not self.down.has_space():
@@ -523,6 +584,16 @@ class StageRunner(_Inbox, OutcomeSink):
 class Run:
     """The state of one ``run()`` / ``stream()`` call."""
 
+    # Slots, not a __dict__: past ~30 attributes CPython stops inlining instance
+    # attributes and every access on the hot path gets slower.
+    __slots__ = (
+        "loop", "stages", "source", "ordered", "fail_fast", "streaming", "choice", "max_lost", "agents",
+        "specs", "bound", "permits", "permit_low", "pump_waiter", "stopping", "finished", "outputs",
+        "failures", "cause", "source_failure", "ready", "consumer", "order", "runners", "executors",
+        "backends", "pump_task", "reporter", "renderer", "on_stats", "started", "ended", "pulled", "taken",
+        "failed_count", "consumer_waited", "timing",
+    )
+
     def __init__(
         self,
         stages: tuple[Stage, ...],
@@ -532,8 +603,10 @@ class Run:
         fail_fast: bool,
         streaming: bool,
         executor: str | Backend | None,
+        timing: bool = True,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.timing = timing
         self.stages = stages
         self.source = source
         self.ordered = ordered
@@ -562,6 +635,15 @@ class Run:
         self.executors: list[Executor] = []
         self.backends: list[Backend] = []
         self.pump_task: asyncio.Task[None] | None = None
+        self.reporter: asyncio.Task[None] | None = None
+        self.renderer: ProgressRenderer | None = None
+        self.on_stats: Callable[[RunStatistics], None] | None = None
+        self.started = time.perf_counter()
+        self.ended: float | None = None
+        self.pulled = 0
+        self.taken = 0
+        self.failed_count = 0
+        self.consumer_waited = 0
 
     # --- start and stop -----------------------------------------------------------------------
 
@@ -655,11 +737,15 @@ class Run:
                 return
             while True:
                 if self.permits <= 0:
+                    self.pulled = index  # kept current wherever the pump yields, for snapshots
+                    if self.streaming and self.ready:
+                        self.consumer_waited += 1  # results sit untaken: the consumer is the limit
                     self.pump_waiter = loop.create_future()
                     await self.pump_waiter
                     continue
                 try:
                     if aiter is not None:
+                        self.pulled = index
                         value = await aiter.__anext__()
                     else:
                         assert it is not None
@@ -675,6 +761,7 @@ class Run:
                 if self.streaming and self.ordered:
                     self.order.append(env)
                 if not first.has_space():
+                    self.pulled = index
                     await _wait_for_space(loop, first)
                 first.push(env)
         except asyncio.CancelledError:
@@ -685,6 +772,7 @@ class Run:
                     pass
             raise
         finally:
+            self.pulled = index
             if not self.stopping:
                 first.close_input()
 
@@ -715,6 +803,7 @@ class Run:
         self._drop(src)
 
     def _item_failed(self, env: _Env, failure: ItemFailure) -> None:
+        self.failed_count += 1
         src = env.src
         if not self.streaming:
             self.failures.append(failure)
@@ -787,6 +876,82 @@ class Run:
 
     # --- what the caller gets ----------------------------------------------------------------------
 
+    # --- statistics -------------------------------------------------------------------------------
+
+    def statistics(self, finished: bool = False) -> RunStatistics:
+        """A snapshot of every stage; cheap enough to take ten times a second."""
+        end = self.ended if self.ended is not None else time.perf_counter()
+        elapsed = max(end - self.started, 1e-9)
+        stages = tuple(_stage_statistics(r, elapsed) for r in self.runners)
+        name, hint = bottleneck(stages, consumer_waited=self.consumer_waited > 0) if finished else (None, None)
+        try:
+            length: int | None = len(self.source)
+        except Exception:
+            length = None
+        delivered = self.taken if self.streaming else len(self.outputs)
+        return RunStatistics(
+            elapsed=elapsed,
+            pulled=self.pulled,
+            delivered=delivered,
+            failed=self.failed_count,
+            finished=finished,
+            source_length=length,
+            stages=stages,
+            bottleneck=name,
+            hint=hint,
+        )
+
+    def start_reporting(
+        self, on_stats: Callable[[RunStatistics], None] | None, progress: bool, interval: float, stream: TextIO
+    ) -> None:
+        """Call ``on_stats`` every ``interval`` s and/or draw progress (terminals only)."""
+        renderer = ProgressRenderer(stream) if progress and stream.isatty() else None
+        if on_stats is None and renderer is None:
+            return
+        self.renderer = renderer
+        self.on_stats = on_stats
+        self.reporter = self.loop.create_task(self._report(interval), name="pypline-stats")
+
+    async def _report(self, interval: float) -> None:
+        tick = REFRESH_SECONDS if self.renderer is not None else interval
+        since = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            since += tick
+            snap = self.statistics(False)
+            if self.renderer is not None:
+                self.renderer.draw(snap)
+            if self.on_stats is not None and since + 1e-9 >= interval:
+                since = 0.0
+                self._call_on_stats(snap)
+
+    def _call_on_stats(self, snap: RunStatistics) -> None:
+        assert self.on_stats is not None
+        try:
+            self.on_stats(snap)
+        except Exception:  # a broken callback must not break the run
+            log.exception("on_stats callback raised; statistics reporting continues")
+
+    async def finish_reporting(self) -> RunStatistics:
+        """Stop the reporter; the final snapshot, also given to ``on_stats`` and the renderer."""
+        if self.ended is None:
+            self.ended = time.perf_counter()
+        if self.reporter is not None:
+            self.reporter.cancel()
+            try:
+                await self.reporter
+            except asyncio.CancelledError:
+                pass
+            self.reporter = None
+        final = self.statistics(True)
+        if self.renderer is not None:
+            self.renderer.finish(final)
+            self.renderer = None
+        if self.on_stats is not None:
+            self._call_on_stats(final)
+            self.on_stats = None
+        return final
+
     def result(self) -> Result[list[Any]]:
         outputs = self.outputs
         if self.ordered:
@@ -805,6 +970,7 @@ class Run:
             self.consumer = self.loop.create_future()
             await self.consumer
         src, result = self.ready.popleft()
+        self.taken += 1
         if src is not None:
             src.pending -= 1
             if src.pending == 0 and src.live == 0:

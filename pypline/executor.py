@@ -42,8 +42,8 @@ Rules an executor follows (the contract suite in ``tests/contract`` checks them)
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
 
 from ._context import WorkerInfo, worker_context
 from ._errors import RemoteError, StageStartError, WorkerDied, WorkerLost
@@ -95,6 +95,12 @@ class OutcomeSink(abc.ABC):
     Call these on the event loop's thread; ``ok``/``error``/``lost`` never block.
     """
 
+    __slots__ = ()
+
+    #: Whether the run wants attempt durations sampled for its statistics
+    #: (``run(stats=False)`` turns it off). Executors read it once, in ``start``.
+    timing: bool = True
+
     @abc.abstractmethod
     def ok(self, attempt: Attempt, value: Any) -> None:
         """The attempt finished with ``value`` (a generator's return value is ignored)."""
@@ -118,7 +124,14 @@ class OutcomeSink(abc.ABC):
 
 @dataclass(frozen=True)
 class ExecutorStatistics:
-    """A snapshot of an executor's state."""
+    """A snapshot of an executor's state, for run statistics and progress displays.
+
+    ``running`` is how many attempts run right now, ``busy_seconds`` the (estimated)
+    total time workers spent on attempts and ``latencies`` a bounded sample of
+    attempt durations in seconds (time one attempt in
+    ``pypline.lowlevel.LATENCY_SAMPLE_EVERY``). ``None``/empty means unknown.
+    ``details`` holds backend-specific figures (e.g. per-agent credits).
+    """
 
     backend: str
     workers: int
@@ -126,6 +139,10 @@ class ExecutorStatistics:
     submitted: int
     completed: int
     workers_replaced: int = 0
+    running: int | None = None
+    busy_seconds: float | None = None
+    latencies: tuple[float, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Executor(abc.ABC):

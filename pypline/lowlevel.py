@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from ._context import WorkerInfo, set_worker_info, worker_context
 from ._run import admission_bound
+from ._stats import LATENCY_SAMPLE_EVERY
 from ._stage import FnKind, StageSpec, WorkerFn, fn_kind
 
 __all__ = [
+    "LATENCY_SAMPLE_EVERY",
     "FnKind",
     "StageSpec",
     "WorkerFn",

@@ -34,9 +34,11 @@ def test_exact_public_exports() -> None:
             "PipelineError",
             "PipelineStream",
             "RemoteError",
+            "RunStatistics",
             "Settings",
             "Stage",
             "StageStartError",
+            "StageStatistics",
             "WorkerDied",
             "WorkerInfo",
             "WorkerLost",
@@ -206,3 +208,34 @@ def test_stage_exposes_its_configuration() -> None:
         return [abs, round]
 
     assert m.workers == (abs, round) and m.num_workers == 2 and m.fork_merge is sum
+
+
+def test_errors_survive_pickling() -> None:
+    """Every pypline error crosses a process boundary with its fields intact."""
+    import pickle
+
+    from pypline import ItemFailure, PipelineError, RemoteError, StageStartError, WorkerDied, WorkerLost
+
+    f = ItemFailure(3, "s", {"k": 1}, ValueError("v"), 2, 3)
+    g = pickle.loads(pickle.dumps(f))
+    assert (g.index, g.stage, g.item, g.attempts, g.max_attempts, str(g.error)) == (3, "s", {"k": 1}, 2, 3, "v")
+    p = pickle.loads(pickle.dumps(PipelineError(failures=[f], outputs=[1], cause=KeyError("c"))))
+    assert p.outputs == [1] and p.failures[0].index == 3 and isinstance(p.cause, KeyError)
+    r = pickle.loads(pickle.dumps(RemoteError("T", "m", "tb")))
+    assert (r.type_name, r.message, r.traceback_text) == ("T", "m", "tb")
+    d = pickle.loads(pickle.dumps(WorkerDied("died", exitcode=3, signal=9)))
+    assert (d.exitcode, d.signal) == (3, 9)
+    lost = pickle.loads(pickle.dumps(WorkerLost("lost", agents=("a:1",))))
+    assert lost.agents == ("a:1",)
+    s = pickle.loads(pickle.dumps(StageStartError("st", "why")))
+    assert s.stage == "st" and "why" in str(s)
+
+
+def test_item_failure_reads_well() -> None:
+    """str(ItemFailure) names stage, item, attempts out of the maximum, and the error."""
+    from pypline import ItemFailure, RemoteError
+
+    f = ItemFailure(17, "validate", -3, ValueError("Negative values not allowed"), 3, 3)
+    assert str(f) == "stage 'validate' failed item #17 (-3) after 3/3 attempts: ValueError: Negative values not allowed"
+    remote = ItemFailure(2, "s", "x", RemoteError("Boom", "bad", "Traceback ...\nBoom: bad\n"), 1, 1)
+    assert "remote traceback" in str(remote) and "Boom: bad" in str(remote)
