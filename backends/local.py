@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import sys
 import threading
@@ -48,6 +49,8 @@ from pypline.executor import (
 from pypline.lowlevel import LATENCY_SAMPLE_EVERY, set_worker_info
 
 __all__ = ["AsyncioBackend", "AsyncioExecutor"]
+
+log = logging.getLogger("pypline.asyncio")
 
 _STOP = object()
 
@@ -316,6 +319,13 @@ class AsyncioExecutor(Executor):
         return call
 
     def _abandon(self, i: int, worker: _WorkerThread) -> None:
+        log.warning(
+            "stage %r worker %d: abandoning thread %s (timed out or cancelled mid-call; "
+            "its result will be discarded), starting a new one",
+            self._spec.name,
+            i,
+            worker.thread.name,
+        )
         worker.abandoned = True
         worker.stop()
         if self._threads[i] is worker:

@@ -83,6 +83,7 @@ def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
     return StageStatistics(
         name=r.name,
         backend=es.backend,
+        kind=kinds.pop() if len(kinds := {w.kind.value for w in r.spec.workers}) == 1 else "mixed",
         workers=workers,
         buffer=r.spec.buffer,
         received=r.pushed,
@@ -689,11 +690,19 @@ class Run:
                 await runner.ex.start(runner.spec, runner)
         except StageStartError as exc:
             self.cause = exc
+            log.warning("%s", exc)
             return False
         except Exception as exc:
             self.cause = StageStartError(stage, f"{type(exc).__name__}: {exc}")
             self.cause.__cause__ = exc
+            log.warning("%s", self.cause)
             return False
+        log.debug(
+            "run started: %d stage(s) (%s), admission bound %d",
+            len(self.runners),
+            ", ".join(f"{r.name}:{type(r.ex).__name__}" for r in self.runners),
+            self.bound,
+        )
         first: _Inbox = self.runners[0] if self.runners else collector
         self.pump_task = self.loop.create_task(self._pump(first), name="pypline-pump")
         return True
@@ -867,6 +876,8 @@ class Run:
         self._wake_consumer()
 
     def _abort(self) -> None:
+        if not self.stopping:
+            log.info("fail_fast: stopping the run after the first failure")
         self.stopping = True
         for runner in self.runners:
             runner.stop()
@@ -944,6 +955,13 @@ class Run:
                 pass
             self.reporter = None
         final = self.statistics(True)
+        log.debug(
+            "run finished in %.3f s: %d pulled, %d delivered, %d failed",
+            final.elapsed,
+            final.pulled,
+            final.delivered,
+            final.failed,
+        )
         if self.renderer is not None:
             self.renderer.finish(final)
             self.renderer = None

@@ -35,7 +35,8 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
 class StageStatistics:
     """One stage's counters and measurements, for ``Ok`` and ``Err`` runs alike.
 
-    ``received`` items came in, ``succeeded`` went on (a flat-map stage's parent
+    ``kind`` is how its functions run (``async``, ``sync``, ``gen``, ``async_gen``
+    or ``mixed``). ``received`` items came in, ``succeeded`` went on (a flat-map stage's parent
     counts once; ``outputs`` counts what it yielded), ``failed`` failed for good.
     ``attempts`` counts every try, ``retries`` the tries after a failure,
     ``lost`` the attempts lost with a worker or agent (re-dispatched, not failed).
@@ -49,6 +50,7 @@ class StageStatistics:
 
     name: str
     backend: str
+    kind: str
     workers: int
     buffer: int
     received: int
@@ -147,8 +149,8 @@ def bottleneck(stages: Sequence[StageStatistics], *, consumer_waited: bool) -> t
     u = top.utilisation or 0.0
     if u >= _SATURATED:
         advice = f"try num_workers={top.workers * 2}"
-        if top.backend == "asyncio":
-            advice += ", or multi_proc=True if its work is CPU-bound"
+        if top.backend == "asyncio" and top.kind in ("sync", "gen"):
+            advice += ", or multi_proc=True if its work is CPU-bound (threads share one core under the GIL)"
         i = list(stages).index(top)
         upstream_full = stages[i].times_full > 0
         why = f"its {top.workers} worker(s) were busy {u:.0%} of the time"

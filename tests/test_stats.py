@@ -172,7 +172,7 @@ def test_progress_renderer_redraws_in_place() -> None:
 
     def snap(done: int, finished: bool) -> RunStatistics:
         st = StageStatistics(
-            "parse", "asyncio", 2, 8, done, done, 0, done, done, 0, 0, 0, None, None, None, None, None, None,
+            "parse", "asyncio", "async", 2, 8, done, done, 0, done, done, 0, 0, 0, None, None, None, None, None, None,
             3, 5, 10, 0, 50.0,
         )
         return RunStatistics(1.0, done, done, 0, finished, 100, (st,), None, None)
