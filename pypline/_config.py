@@ -26,6 +26,7 @@ class Settings:
 
     agents: tuple[str, ...] | None = None
     keys: str | None = None
+    backend: Any = None  # a backend name or a pypline.executor.Backend, for multi_proc stages
     fallback: str = "local"
     connect_timeout: float = 5.0
     heartbeat_timeout: float = 3.0
@@ -50,6 +51,7 @@ def configure(
     *,
     agents: list[str] | tuple[str, ...] | None = None,
     keys: str | os.PathLike[str] | None = None,
+    backend: Any = None,
     fallback: str | None = None,
     connect_timeout: float | None = None,
     heartbeat_timeout: float | None = None,
@@ -60,6 +62,10 @@ def configure(
     ``configure()`` with no arguments resets every option to its default;
     ``configure(previous)`` puts back a snapshot that an earlier call returned.
     ``agents=[]`` means local execution even if ``PYPLINE_AGENTS`` is set.
+    ``backend`` (a name such as ``"dask"``, or a ``Backend`` instance carrying its
+    own options, e.g. an address) runs every ``multi_proc`` stage there, as
+    ``run(executor=...)`` does for one run; ``run(executor=...)`` wins over it,
+    and it wins over ``agents``.
     """
     global _settings
     previous = _settings
@@ -76,6 +82,12 @@ def configure(
             if not isinstance(a, str) or not a:
                 raise TypeError(f"agents must be endpoint strings like 'tcp://127.0.0.1:5555', got {a!r}")
         changes["agents"] = tuple(agents)
+    if backend is not None:
+        from .executor import Backend
+
+        if not isinstance(backend, (str, Backend)):
+            raise TypeError(f"backend must be a backend name or a pypline.executor.Backend, got {backend!r}")
+        changes["backend"] = backend
     if keys is not None:
         if not isinstance(keys, (str, os.PathLike)):
             raise TypeError(f"keys must be a directory path, got {keys!r}")

@@ -613,8 +613,8 @@ class Run:
         self.ordered = ordered
         self.fail_fast = fail_fast
         self.streaming = streaming
-        self.choice = executor
         settings = current_settings()
+        self.choice = executor if executor is not None else settings.backend
         self.max_lost = settings.max_lost
         self.agents = effective_agents(settings)
         self.specs = [s.spec for s in stages]

@@ -5,6 +5,7 @@ Backends import from ``pypline``, ``pypline.executor`` and this module only.
 
 from __future__ import annotations
 
+from ._config import Settings, current_settings, effective_agents, effective_keys
 from ._context import WorkerInfo, set_worker_info, worker_context
 from ._run import admission_bound
 from ._stats import LATENCY_SAMPLE_EVERY
@@ -13,10 +14,14 @@ from ._stage import FnKind, StageSpec, WorkerFn, fn_kind
 __all__ = [
     "LATENCY_SAMPLE_EVERY",
     "FnKind",
+    "Settings",
     "StageSpec",
     "WorkerFn",
     "WorkerInfo",
     "admission_bound",
+    "current_settings",
+    "effective_agents",
+    "effective_keys",
     "fn_kind",
     "set_worker_info",
     "worker_context",

@@ -197,3 +197,16 @@ def test_unknown_backend_name_lists_known_ones(arun: Any) -> None:
     stage = work_pool(multi_proc=True)(double)
     with pytest.raises(ValueError, match="asyncio.*process"):
         arun(Pipeline([1]).stage(stage).run(executor="nope"))
+
+
+def test_configured_backend_runs_multi_proc_stages_and_run_executor_wins(arun: Any) -> None:
+    """configure(backend=...) picks the backend for multi_proc stages; run(executor=...) overrides it."""
+    configured, explicit = MockBackend(), MockBackend()
+    configure(backend=configured, agents=["tcp://127.0.0.1:1"])  # backend wins over agents
+    stage = work_pool(multi_proc=True)(double)
+    assert arun(Pipeline([1, 2]).stage(stage).run()) == Ok([2, 4])
+    assert len(configured.executors) == 1
+    assert arun(Pipeline([3]).stage(stage).run(executor=explicit)) == Ok([6])
+    assert len(explicit.executors) == 1 and len(configured.executors) == 1
+    with pytest.raises(TypeError, match="backend"):
+        configure(backend=3)
