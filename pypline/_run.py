@@ -2,51 +2,50 @@
 
 ::
 
-    source ─pump─► [inbox 0 ≤ buffer] ─dispatch─► executor 0 ─ok/error/lost─► forward ─► [inbox 1] ─► ...
-      ▲                                                                                          │
-      │                                                                       collector ◄────────┘
-      │                                                                  run(): result list
-      │                                                                  stream(): ready queue ─► consumer
-      └──────── permits: the §2.6 bound, released when a source item is fully delivered ◄─────────┘
+    source ─pump─► stage 0 (≤ buffer + workers) ─► stage 1 ─► ... ─► collector ─► run(): result list
+      ▲            queue → executor → outcome                          │          stream(): ready queue
+      │                                                                │                     ─► consumer
+      └──── permits: the §2.6 bound, one per source item until all its outputs are delivered ◄┘
 
 Actors:
 
 - The **pump** (the only engine task) takes a permit, pulls ONE item from the source
-  and pushes it into stage 0's inbox, waiting while the inbox is full. Permits
-  number ``sum(buffer + workers) + stages + 1``, so the bound holds by construction
+  and pushes it into stage 0, waiting while stage 0 is full. Permits number
+  ``sum(buffer + workers) + stages + 1``, so the bound holds by construction
   wherever items are (queued, in flight at an agent, retrying, waiting in the
   reorder window or for a slow ``stream()`` consumer).
-- A **StageRunner** per stage is plain synchronous bookkeeping: ``_dispatch`` moves
-  items from its inbox into the executor as far as ``capacity()`` allows; the
-  executor's reports (``ok``/``error``/``lost``/``emit``) decide retry, failure or
-  forwarding into the next inbox. When the next inbox is full, finished items are
-  *parked* and no new work is dispatched until it drains: backpressure with no
-  task, future or lock per item. Producers waiting for room are woken when an inbox
-  drains to half its capacity, so items move between stages in batches.
+- A **StageRunner** per stage (``_stage_runner.py``) is synchronous bookkeeping:
+  it moves items into its executor as far as ``capacity()`` allows and decides
+  what each outcome means (forward, retry, re-dispatch, fail). A stage holds at
+  most ``buffer + num_workers`` items; when the next one is full, finished items
+  are parked and no new work starts: backpressure with no task, future or lock
+  per item. Producers waiting for room are woken when a stage drains to half,
+  so items move between stages in batches.
 - The **collector** at the end counts each source item's live descendants (a
   flat-map stage may turn one item into many); when none is left the item is
   delivered and its permit goes back to the pump.
 
-Nothing here awaits per item: the hot path is a few method calls, which is what
-makes pypline faster than a hand-written ``asyncio.Queue`` chain.
+Nothing awaits per item: the hot path is a few method calls, which is why the W1
+benchmark (tests/benchmarks/bench_core.py) runs at or above the speed of a
+hand-written ``asyncio.Queue`` chain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from operator import itemgetter
 from collections import deque
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, TextIO
 
 from ._config import current_settings, effective_agents
-from ._errors import ItemFailure, PipelineError, StageStartError, WorkerLost
-from ._registry import load_backend
+from ._errors import ItemFailure, PipelineError, StageStartError
 from ._progress import REFRESH_SECONDS, ProgressRenderer
+from ._registry import load_backend
+from ._stage_runner import StageRunner, _Env, _Inbox, _wait_for_space
 from ._stats import RunStatistics, StageStatistics, bottleneck, percentile
-from .executor import Attempt, Backend, Executor, ExecutorStatistics, OutcomeSink
+from .executor import Backend, Executor, ExecutorStatistics
 from .util import Err, Ok, Result
 
 if TYPE_CHECKING:
@@ -57,11 +56,6 @@ __all__ = ["Run", "admission_bound"]
 SOURCE_STAGE = "<source>"
 
 log = logging.getLogger("pypline.engine")
-
-# Backoff jitter: each sleep is the nominal ``backoff * 2**(attempt-1)`` plus up to
-# this fraction more, so retries of many items that failed together spread out
-# without ever sleeping less than the documented delay.
-_JITTER = 0.1
 
 
 def admission_bound(specs: Iterable[StageSpec]) -> int:
@@ -108,80 +102,6 @@ def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
     )
 
 
-class _Env(Attempt):
-    """An item travelling through the stages.
-
-    In a plain stage the envelope is also its own first ``Attempt`` (no allocation
-    per item and stage); ``_owner`` names the stage it was last handed to, so a
-    stale report from an earlier stage can never be taken for a current one.
-    The *root* envelope of a source item (``src is self``) also keeps that item's
-    counters: descendants still travelling, results not yet taken, and the
-    ordered stream's bucket of finished results.
-    """
-
-    __slots__ = ("src", "path", "index", "live", "pending", "bucket")
-
-    def __init__(self, src: _Env | None, path: tuple[int, ...], value: Any, index: int = -1) -> None:
-        self.item = value
-        self.worker = None
-        self.number = 1
-        self._job = None
-        self._settled = True
-        self._owner = None
-        self.src = self if src is None else src
-        self.path = path
-        self.index = index
-        self.live = 1  # (root only) envelopes of this source item in the pipeline
-        self.pending = 0  # (root only) results in the stream's ready queue, not yet taken
-        self.bucket: list[tuple[tuple[int, ...], Result[Any]]] | None = None
-
-
-class _Job:
-    """One item in one stage: counters that outlive a single attempt."""
-
-    __slots__ = ("env", "remaining", "results", "partials", "failed", "lost", "agents", "emitted")
-
-    def __init__(self, env: _Env) -> None:
-        self.env = env
-        self.remaining = 0
-        self.results: list[Any] | None = None
-        self.partials: list[list[Any]] | None = None
-        self.failed = False
-        self.lost = 0
-        self.agents: list[str] | None = None
-        self.emitted = 0
-
-
-class _Inbox:
-    """What a producer sees of the next hop: room, push, wait-for-room, end of input."""
-
-    __slots__ = ()
-
-    def has_space(self) -> bool:
-        raise NotImplementedError
-
-    def push(self, env: _Env) -> None:
-        raise NotImplementedError
-
-    def add_space_listener(self, callback: Callable[[], None]) -> None:
-        raise NotImplementedError
-
-    def close_input(self) -> None:
-        raise NotImplementedError
-
-
-async def _wait_for_space(loop: asyncio.AbstractEventLoop, inbox: _Inbox) -> None:
-    while not inbox.has_space():
-        fut: asyncio.Future[None] = loop.create_future()
-        inbox.add_space_listener(lambda: _resolve(fut))
-        await fut
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 class _Collector(_Inbox):
     """The end of the pipeline: hands outputs to the run. Always has room (permits bound it)."""
 
@@ -209,377 +129,6 @@ class _Collector(_Inbox):
 
     def close_input(self) -> None:
         self.run._all_done()
-
-
-class StageRunner(_Inbox, OutcomeSink):
-    """One stage's bookkeeping. Synchronous methods decide; the executor acts.
-
-    In plain pool mode (no fork, no generator) an attempt's job is the envelope
-    itself; fork and flat-map stages keep a ``_Job`` per item for their counters.
-    """
-
-    # Slots, not a __dict__: past ~30 attributes CPython stops inlining instance
-    # attributes and every access on the hot path gets slower.
-    __slots__ = (
-        "run", "loop", "spec", "name", "ex", "down", "inbox", "ready", "parked", "held", "pushed",
-        "queue_max", "times_full", "failed", "outputs", "retried", "lost_count", "limit", "timers",
-        "listeners", "emit_waiters", "lost_info", "waiting_space", "upstream_done", "finished", "stopping",
-        "low_water", "fork", "n", "flat", "plain", "gen_workers", "retries", "retry_on", "timing",
-    )
-
-    def __init__(self, run: Run, spec: StageSpec, executor: Executor, down: _Inbox) -> None:
-        self.run = run
-        self.loop = run.loop
-        self.spec = spec
-        self.name = spec.name
-        self.ex = executor
-        self.down = down
-        self.inbox: deque[_Env] = deque()
-        self.ready: deque[Attempt] = deque()  # retries, re-dispatches, fork attempts
-        self.parked: deque[_Env] = deque()  # finished, waiting for room downstream
-        # Items in this stage: inbox + with the executor + retrying + parked. At most
-        # buffer + num_workers, so an executor may hold queued items itself (the
-        # asyncio backend does): its queue and the inbox are one input queue.
-        self.held = 0  # items in the stage now
-        self.pushed = 0  # items received (monotonic); those that left = pushed - held
-        self.queue_max = 0
-        self.times_full = 0
-        self.failed = 0
-        self.outputs = 0  # flat map: values yielded
-        self.retried = 0
-        self.lost_count = 0
-        self.limit = spec.buffer + spec.num_workers
-        self.timers: set[asyncio.TimerHandle] = set()
-        self.listeners: list[Callable[[], None]] = []
-        self.emit_waiters: list[asyncio.Future[None]] = []
-        self.lost_info: dict[Any, list[str]] = {}  # job -> agents it was lost with
-        self.waiting_space = False
-        self.upstream_done = False
-        self.finished = False
-        self.stopping = False
-        # Producers waiting for room are woken when the stage is half empty, so
-        # items move between stages in batches rather than one wake-up per item.
-        self.low_water = self.limit // 2
-        self.fork = spec.fork_merge
-        self.n = spec.num_workers
-        self.flat = spec.fork_merge is None and spec.workers[0].kind.is_generator
-        self.plain = spec.fork_merge is None and not self.flat
-        self.gen_workers = [w.kind.is_generator for w in spec.workers]
-        self.retries = spec.retries
-        self.retry_on = spec.retry_on
-        self.timing = run.timing
-
-    # --- the inbox, as the upstream hop sees it ------------------------------------------
-
-    def has_space(self) -> bool:
-        return self.held < self.limit
-
-    def push(self, env: _Env) -> None:
-        self.pushed += 1
-        self.held += 1
-        if self.plain and not (self.inbox or self.parked or self.ready or self.stopping):
-            ex = self.ex
-            if ex.capacity() > 0:  # the hot path: straight to the executor
-                env.number, env._job, env._settled, env._owner = 1, env, False, self
-                ex.submit((env,))
-                return
-        self.inbox.append(env)
-        self._dispatch()
-
-    def add_space_listener(self, callback: Callable[[], None]) -> None:
-        self.times_full += 1
-        self.queue_max = self.limit
-        self.listeners.append(callback)
-
-    def close_input(self) -> None:
-        self.upstream_done = True
-        self._check_done()
-
-    # --- deciding ----------------------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        """Move work into the executor as far as its capacity allows."""
-        if self.parked or self.stopping:
-            return
-        ex = self.ex
-        cap = ex.capacity()
-        if cap <= 0:
-            return
-        inbox = self.inbox
-        if self.plain and not self.ready:
-            if not inbox:
-                return
-            if cap == 1 or len(inbox) == 1:  # the hot path: one slot just came free
-                env = inbox.popleft()
-                env.number, env._job, env._settled, env._owner = 1, env, False, self
-                ex.submit((env,))
-            else:
-                k = min(cap, len(inbox))
-                envs = [inbox.popleft() for _ in range(k)]
-                for e in envs:
-                    e.number, e._job, e._settled, e._owner = 1, e, False, self
-                ex.submit(envs)
-        else:
-            self._dispatch_general(cap)
-
-    def _left(self) -> None:
-        """An item left this stage (forwarded, failed or replaced by its flat-map outputs)."""
-        self.held -= 1
-        if self.listeners and self.held <= self.low_water:
-            self._notify_producers()
-
-    def _notify_producers(self) -> None:
-        listeners, self.listeners = self.listeners, []
-        for cb in listeners:
-            self.loop.call_soon(cb)
-
-    def _dispatch_general(self, cap: int) -> None:
-        ready, inbox = self.ready, self.inbox
-        batch: list[Attempt] = []
-        while cap > 0:
-            if ready:
-                batch.append(ready.popleft())
-                cap -= 1
-            elif inbox:
-                env = inbox.popleft()
-                if self.plain:
-                    env.number, env._job, env._settled, env._owner = 1, env, False, self
-                    batch.append(env)
-                    cap -= 1
-                    continue
-                job = _Job(env)
-                if self.fork is None:
-                    batch.append(Attempt(env.item, None, 1, job, self))
-                    cap -= 1
-                else:
-                    job.remaining = self.n
-                    job.results = [None] * self.n
-                    if any(self.gen_workers):
-                        job.partials = [[] for _ in range(self.n)]
-                    ready.extend(Attempt(env.item, i, 1, job, self) for i in range(self.n))
-            else:
-                break
-        if batch:
-            self.ex.submit(batch)
-
-    def _check_done(self) -> None:
-        if (
-            self.upstream_done
-            and not self.finished
-            and self.held == 0  # nothing queued, running, retrying or parked
-        ):
-            self.finished = True
-            self.down.close_input()
-
-    def _env(self, job: Any) -> _Env:
-        env: _Env = job if self.plain else job.env
-        return env
-
-    def _forward(self, env: _Env) -> None:
-        if not self.parked and self.down.has_space():
-            self.down.push(env)
-            self._left()
-        else:
-            self.parked.append(env)
-            self._listen_downstream()
-
-    def _listen_downstream(self) -> None:
-        if not self.waiting_space:
-            self.waiting_space = True
-            self.down.add_space_listener(self._on_down_space)
-
-    def _on_down_space(self) -> None:
-        self.waiting_space = False
-        if self.stopping:
-            return
-        parked, down = self.parked, self.down
-        while parked and down.has_space():
-            down.push(parked.popleft())
-            self._left()
-        if parked or (self.emit_waiters and not down.has_space()):
-            self._listen_downstream()
-            return
-        waiters, self.emit_waiters = self.emit_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-        self._dispatch()
-        self._check_done()
-
-    def _finish(self, job: Any) -> None:
-        """An item left this stage (forwarded, filtered or failed): make room for the next."""
-        if self.lost_info:
-            self.lost_info.pop(job, None)
-        self._dispatch()
-        if self.upstream_done:
-            self._check_done()
-
-    def _fail(self, job: Any, attempt: Attempt, exc: BaseException) -> None:
-        if not self.plain:
-            job.failed = True
-        env = self._env(job)
-        self.failed += 1
-        failure = ItemFailure(env.src.index, self.name, attempt.item, exc, attempt.number, self.retries)
-        self.run._item_failed(env, failure)
-        self._left()
-        self._finish(job)
-
-    def _retry(self, attempt: Attempt, number: int) -> None:
-        self.retried += 1
-        again = Attempt(attempt.item, attempt.worker, number, attempt._job, self)
-        backoff = self.spec.backoff
-        if backoff > 0:
-            delay = backoff * 2 ** (attempt.number - 1) * (1 + _JITTER * random.random())
-            handles: list[asyncio.TimerHandle] = []
-
-            def due() -> None:
-                self.timers.discard(handles[0])
-                self.ready.append(again)
-                self._dispatch()
-
-            handles.append(self.loop.call_later(delay, due))
-            self.timers.add(handles[0])
-        else:
-            self.ready.appendleft(again)
-        self._dispatch()
-
-    # --- the sink, as the executor sees it ---------------------------------------------------
-
-    def ok(self, attempt: Attempt, value: Any) -> None:
-        if attempt._settled or attempt._owner is not self:
-            return
-        attempt._settled = True
-        job = attempt._job
-        if self.plain:  # the hot path, inlined: forward, then take the next item
-            job.item = value
-            down = self.down
-            if not self.parked and down.has_space():
-                down.push(job)
-                self.held -= 1
-                if self.listeners and self.held <= self.low_water:
-                    self._notify_producers()
-            else:
-                self.parked.append(job)
-                self._listen_downstream()
-            if self.lost_info:
-                self.lost_info.pop(job, None)
-            inbox = self.inbox
-            if inbox and not self.parked and not self.stopping and not self.ready and self.ex.capacity() > 0:
-                env = inbox.popleft()
-                env.number, env._job, env._settled, env._owner = 1, env, False, self
-                self.ex.submit((env,))
-            elif self.ready:
-                self._dispatch()
-            if self.upstream_done:
-                self._check_done()
-            return
-        if job.failed:
-            self._dispatch()
-            return
-        if self.fork is not None:
-            w = attempt.worker
-            assert w is not None and job.results is not None
-            job.results[w] = job.partials[w] if (job.partials is not None and self.gen_workers[w]) else value
-            job.remaining -= 1
-            if job.remaining:
-                self._dispatch()
-                return
-            try:
-                merged = self.fork(job.results)
-            except Exception as exc:  # the merge function failed: the item fails, not retried
-                self._fail(job, attempt, exc)
-                return
-            job.env.item = merged
-            self._forward(job.env)
-        else:  # flat map: the parent is replaced by what it yielded
-            self.run._drop(job.env.src)
-            self._left()
-        self._finish(job)
-
-    def error(self, attempt: Attempt, exc: BaseException) -> None:
-        if attempt._settled or attempt._owner is not self:
-            return
-        attempt._settled = True
-        job = attempt._job
-        if not self.plain:
-            if job.failed:
-                self._dispatch()
-                return
-            if job.emitted:  # outputs already passed on are never taken back: no retry
-                self._fail(job, attempt, exc)
-                return
-        if attempt.number < self.retries and isinstance(exc, self.retry_on) and not self.stopping:
-            if not self.plain and job.partials is not None:
-                job.partials[attempt.worker] = []
-            self._retry(attempt, attempt.number + 1)
-        else:
-            self._fail(job, attempt, exc)
-
-    def lost(self, attempt: Attempt, where: str) -> None:
-        if attempt._settled or attempt._owner is not self:
-            return
-        attempt._settled = True
-        job = attempt._job
-        if not self.plain and job.failed:
-            self._dispatch()
-            return
-        self.lost_count += 1
-        agents = self.lost_info.setdefault(job, [])
-        agents.append(where)
-        emitted = 0 if self.plain else job.emitted
-        max_lost = self.run.max_lost
-        if len(agents) > max_lost or emitted:
-            why = (
-                f"lost after yielding {emitted} output(s); not re-run to avoid duplicates"
-                if emitted
-                else f"lost with its worker {len(agents)} times (max_lost={max_lost})"
-            )
-            names = tuple(dict.fromkeys(agents))
-            self._fail(job, attempt, WorkerLost(f"item {why}; agents: {', '.join(names)}", agents=names))
-            return
-        if not self.plain and job.partials is not None:
-            job.partials[attempt.worker] = []
-        # Not the item's fault: same attempt number, front of the queue.
-        self.ready.appendleft(Attempt(attempt.item, attempt.worker, attempt.number, job, self))
-        self._dispatch()
-
-    async def emit(self, attempt: Attempt, value: Any) -> None:
-        if attempt._settled or attempt._owner is not self or self.plain:
-            return
-        job: _Job = attempt._job
-        if job.failed or self.stopping:
-            return
-        if job.partials is not None and attempt.worker is not None:
-            job.partials[attempt.worker].append(value)
-            return
-        env = job.env
-        src = env.src
-        child = _Env(src, env.path + (job.emitted,), value)
-        self.outputs += 1
-        job.emitted += 1
-        src.live += 1
-        while self.parked or not self.down.has_space():
-            fut: asyncio.Future[None] = self.loop.create_future()
-            self.emit_waiters.append(fut)
-            self._listen_downstream()
-            await fut
-            if self.stopping:
-                return
-        self.down.push(child)
-
-    def capacity_changed(self) -> None:
-        self._dispatch()
-
-    def stop(self) -> None:
-        self.stopping = True
-        for t in self.timers:
-            t.cancel()
-        self.timers.clear()
-        # Generators blocked on room downstream return now (emit sees stopping).
-        waiters, self.emit_waiters = self.emit_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
 
 
 class Run:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from ._config import Settings, current_settings, effective_agents, effective_keys
 from ._context import WorkerInfo, set_worker_info, worker_context
 from ._run import admission_bound
-from ._stats import LATENCY_SAMPLE_EVERY
 from ._stage import FnKind, StageSpec, WorkerFn, fn_kind
+from ._stats import LATENCY_SAMPLE_EVERY
 
 __all__ = [
     "LATENCY_SAMPLE_EVERY",
