@@ -182,6 +182,23 @@ class AsyncioExecutor(Executor):
                 if not f.done():
                     f.set_result(None)
 
+    def submit_one(self, attempt: Attempt) -> None:
+        if self._capacity <= 0:
+            raise RuntimeError("submit_one() with no capacity left")
+        if self._targeted:
+            self.submit((attempt,))
+            return
+        self._capacity -= 1
+        self._shared.append(attempt)
+        order = self._idle_order
+        while order:
+            i = order.pop()
+            f = self._idle[i]
+            self._idle[i] = None
+            if f is not None and not f.done():
+                f.set_result(None)
+                return
+
     def _info(self, i: int, number: int) -> WorkerInfo:
         infos = self._infos[i]
         return infos[number - 1] if number <= len(infos) else WorkerInfo(self._spec.name, i, number)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from operator import itemgetter
@@ -105,13 +106,12 @@ def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
 class _Collector(_Inbox):
     """The end of the pipeline: hands outputs to the run. Always has room (permits bound it)."""
 
-    __slots__ = ("run",)
+    __slots__ = ("run", "held", "limit")
 
     def __init__(self, run: Run) -> None:
         self.run = run
-
-    def has_space(self) -> bool:
-        return True
+        self.held = 0
+        self.limit = sys.maxsize
 
     def push(self, env: _Env) -> None:
         run = self.run

@@ -84,12 +84,18 @@ class _Job:
 
 
 class _Inbox:
-    """What a producer sees of the next hop: room, push, wait-for-room, end of input."""
+    """What a producer sees of the next hop: room, push, wait-for-room, end of input.
+
+    ``held < limit`` means there is room; producers on the hot path read the two
+    attributes instead of calling ``has_space()``.
+    """
 
     __slots__ = ()
+    held: int
+    limit: int
 
     def has_space(self) -> bool:
-        raise NotImplementedError
+        return self.held < self.limit
 
     def push(self, env: _Env) -> None:
         raise NotImplementedError
@@ -173,9 +179,6 @@ class StageRunner(_Inbox, OutcomeSink):
 
     # --- the inbox, as the upstream hop sees it ------------------------------------------
 
-    def has_space(self) -> bool:
-        return self.held < self.limit
-
     def push(self, env: _Env) -> None:
         self.pushed += 1
         self.held += 1
@@ -183,7 +186,7 @@ class StageRunner(_Inbox, OutcomeSink):
             ex = self.ex
             if ex.capacity() > 0:  # the hot path: straight to the executor
                 env.number, env._job, env._settled, env._owner = 1, env, False, self
-                ex.submit((env,))
+                ex.submit_one(env)
                 return
         self.inbox.append(env)
         self._dispatch()
@@ -355,7 +358,7 @@ class StageRunner(_Inbox, OutcomeSink):
         if self.plain:  # the hot path, inlined: forward, then take the next item
             job.item = value
             down = self.down
-            if not self.parked and down.has_space():
+            if not self.parked and down.held < down.limit:
                 down.push(job)
                 self.held -= 1
                 if self.listeners and self.held <= self.low_water:
@@ -369,7 +372,7 @@ class StageRunner(_Inbox, OutcomeSink):
             if inbox and not self.parked and not self.stopping and not self.ready and self.ex.capacity() > 0:
                 env = inbox.popleft()
                 env.number, env._job, env._settled, env._owner = 1, env, False, self
-                self.ex.submit((env,))
+                self.ex.submit_one(env)
             elif self.ready:
                 self._dispatch()
             if self.upstream_done:

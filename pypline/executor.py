@@ -160,6 +160,10 @@ class Executor(abc.ABC):
     def submit(self, attempts: Sequence[Attempt]) -> None:
         """Take these attempts (at most ``capacity()``). Never blocks, never calls the sink."""
 
+    def submit_one(self, attempt: Attempt) -> None:
+        """``submit([attempt])``; the engine's hot path. Override only to make it cheaper."""
+        self.submit((attempt,))
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Stop every worker and release every resource. Idempotent; pending attempts are dropped."""
