@@ -364,3 +364,25 @@ def test_unknown_or_late_reports_are_tolerated_by_the_engine(arun: Any) -> None:
     assert lost_once == set(range(0, 30, 3))
     assert backend.max_in_flight <= 3
     assert all(e.capacity_violations == 0 for e in backend.executors)
+
+
+def test_submit_one_behaves_like_submit(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """submit_one(a) takes one unit of capacity and reports exactly like submit([a])."""
+
+    async def main() -> None:
+        backend = backend_factory()
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=2, multi_proc=True)(add_one)))
+        try:
+            full = ex.capacity()
+            a = Attempt(41, None, 1)
+            sink.in_submit = True
+            ex.submit_one(a)
+            sink.in_submit = False
+            assert ex.capacity() == full - 1
+            await sink.wait_reports([a])
+            assert sink.terminal[id(a)] == [("ok", 42)] and sink.reentrant == 0
+            assert ex.capacity() == full
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
