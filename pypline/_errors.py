@@ -92,7 +92,7 @@ class StageStartError(Exception):
         return (StageStartError, (self.stage, self.message))
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class ItemFailure(Exception):
     """One item that failed in one stage after its attempts.
 
