@@ -1,0 +1,447 @@
+"""One supervised worker process, as the parent's event loop sees it.
+
+::
+
+    WorkerProc ── socketpair (data, both ways) ──────────────► worker main thread
+               ── pipe (lifeline; parent holds the write end) ► worker monitor thread
+                  (closing it stops the worker; a byte "R" asks for unstarted tasks back)
+               ── memfd, 8 bytes (the running task's id) ◄──── written by the worker per task
+
+    loop.add_reader(data socket) ─► FrameReader.read() ─► on_message(proc, frames)
+                                                       └─► on_eof(proc) when the worker is gone
+    send(frames) ─► non-blocking sendmsg of the frames as they are; whatever the socket
+                    does not take now waits in a deque and goes out from add_writer
+
+**Why a fresh interpreter (spawn semantics) and not fork.** The parent runs an
+event loop and usually threads (the asyncio backend's workers, the default
+executor); forking such a process copies locks held by other threads and the
+loop's selector, and the child can deadlock. multiprocessing's own ``spawn`` and
+``forkserver`` contexts are safe but each keeps a helper process alive for the
+rest of the parent's life (the resource tracker, the fork server), which would be
+a child process outliving every run. So the worker is started with
+``subprocess.Popen([sys.executable, "-c", ...], pass_fds=...)``: a fresh
+interpreter (``spawn`` semantics, and ``posix_spawn``/``vfork``+``exec`` under the
+hood, which is safe with threads), handed exactly its three file descriptors and
+the parent's ``sys.path``. It does not re-import the parent's ``__main__`` (the
+function arrives cloudpickled), so scripts work without special care.
+
+**No orphans.** The worker's monitor thread blocks on the lifeline pipe: when the
+parent closes it (``detach()``) or dies, even by ``SIGKILL``, the kernel closes it
+and the worker ``os._exit``s at once, even in the middle of a call (a call that
+holds the GIL in C code delays this until it returns; the executor's ``aclose()``
+SIGKILLs a worker that is not gone after a short grace, and waits for it).
+
+**Errors.** An exception raised by the function is recreated in the parent when it
+unpickles, with ``__cause__`` set to a ``RemoteError`` whose ``traceback_text`` (and
+``str()``) is the remote traceback; if it cannot be unpickled here, the error IS a
+``RemoteError(type_name, message, traceback_text)``. A function that cannot be
+pickled fails ``start()`` with ``StageStartError``; an item or result that cannot be
+pickled (or unpickled) fails that item only.
+
+**Functions from unimportable modules.** cloudpickle pickles functions by
+reference to their module when it can. A module that a fresh interpreter cannot
+import by name (``__main__``, a test module pytest imported from a path, a file
+loaded with ``importlib``), or that was loaded through an import hook a worker does
+not have (a test module pytest rewrote), is registered with
+``cloudpickle.register_pickle_by_value`` (process-wide and harmless: by reference
+would not work, or would import a different module), so its functions and
+classes travel by value and a worker never imports a test module.
+
+The event loop must support ``add_reader`` (every selector loop and uvloop; not
+the Windows proactor loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import mmap
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pypline.executor import RemoteError
+
+from ._procworker import EMIT, ERROR, IOV_BATCH, REVOKE, FrameReader, advance, decode, message_header
+
+__all__ = ["WorkerProc", "WorkerStartFailed", "decode_event", "pickle_function"]
+
+#: Kernel buffer asked for each direction of a worker's socket (the kernel caps it
+#: at net.core.[rw]mem_max). Bigger buffers let a multi-MiB item move in fewer
+#: wake-ups; the memory is only used while data is in transit.
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+#: How long a worker process gets to start and load the stage's function. Generous:
+#: a cold interpreter on a loaded machine can take a second or two.
+START_TIMEOUT_S = 60.0
+
+#: Reads done per readiness callback before yielding to other callbacks: keeps one
+#: chatty worker from starving the others and the rest of the loop.
+READS_PER_WAKEUP = 16
+
+# The worker's first line of Python: restore the parent's sys.path and load the
+# worker module by its path, as a top-level module (importing it as
+# pypline.backends._procworker would import all of pypline first).
+_BOOT = (
+    "import sys, json, importlib.util as u; p, f = json.loads(sys.argv[1]); sys.path[:] = p; "
+    "s = u.spec_from_file_location('_pypline_procworker', f); m = u.module_from_spec(s); "
+    "sys.modules[s.name] = m; s.loader.exec_module(m); m.main(sys.argv[2:])"
+)
+_WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_procworker.py")
+_SLOT = struct.Struct("<Q")
+
+
+class WorkerStartFailed(Exception):
+    """A worker process could not start or could not load the stage's function."""
+
+    def __init__(self, message: str, traceback_text: str = "") -> None:
+        super().__init__(message)
+        self.traceback_text = traceback_text
+
+
+class WorkerProc:
+    """A worker process and its transport. The executor decides; this acts.
+
+    Scheduling state (``limit``, ``inflight``, ...) lives here too so the executor
+    can keep one object per worker; only the executor touches it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, index: int) -> None:
+        self.loop = loop
+        self.index = index
+        # --- executor-owned scheduling state ---
+        self.ready = False
+        self.limit = 0
+        self.flush_at = 1
+        self.inflight: dict[int, Any] = {}
+        self.service: float | None = None  # EWMA of seconds per call
+        self.backlog: deque[tuple[int, int, Any]] | None = None
+        self.last_progress = 0.0  # loop time of its last message, or of work sent to it idle
+        self.revoking = False
+        self.drain: asyncio.Task[None] | None = None
+        self.free = 0
+        # --- transport ---
+        self.on_message: Callable[[WorkerProc, list[Any]], None] = lambda p, f: None
+        self.on_eof: Callable[[WorkerProc], None] = lambda p: None
+        self.reading = False
+        self.writing = False
+        self.detached = False
+        self.eof = False
+        self._out: deque[memoryview] = deque()
+        self._tmp: Any = None
+        parent, child = socket.socketpair()
+        life_r, self._life_w = os.pipe()
+        slot_fd = self._slot_fd()
+        try:
+            for s in (parent, child):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+                except OSError:  # pragma: no cover - a smaller buffer only costs speed
+                    pass
+            os.ftruncate(slot_fd, _SLOT.size)
+            self._slot = mmap.mmap(slot_fd, _SLOT.size)
+            cmd = [
+                sys.executable,
+                "-c",
+                _BOOT,
+                json.dumps([[str(p) for p in sys.path], _WORKER_FILE]),
+                str(child.fileno()),
+                str(life_r),
+                str(slot_fd),
+                str(os.getpid()),
+            ]
+            self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(), life_r, slot_fd), stdin=subprocess.DEVNULL)
+        except BaseException:
+            parent.close()
+            os.close(self._life_w)
+            raise
+        finally:
+            child.close()
+            os.close(life_r)
+            os.close(slot_fd)
+            if self._tmp is not None:
+                self._tmp.close()
+        os.set_blocking(self._life_w, False)
+        self.pid = self.proc.pid
+        self.sock = parent
+        parent.setblocking(False)
+        self.reader = FrameReader(parent)
+
+    def _slot_fd(self) -> int:
+        if hasattr(os, "memfd_create"):
+            return os.memfd_create("pypline-slot", os.MFD_CLOEXEC)
+        self._tmp = tempfile.TemporaryFile()  # noqa: SIM115 - closed once the worker has its fd
+        return os.dup(self._tmp.fileno())
+
+    def __repr__(self) -> str:
+        return f"<WorkerProc {self.index} pid={self.pid}{' ready' if self.ready else ''}>"
+
+    # --- start -------------------------------------------------------------------------
+    async def handshake(self, hello: list[Any]) -> None:
+        """Send the hello (the function) and wait for ``ready``; raise WorkerStartFailed."""
+        fut: asyncio.Future[Any] = self.loop.create_future()
+
+        def first(proc: WorkerProc, frames: list[Any]) -> None:
+            if not fut.done():
+                fut.set_result(pickle.loads(frames[0]))
+
+        def gone(proc: WorkerProc) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.on_message, self.on_eof = first, gone
+        self.resume_reading()
+        self.send(hello)
+        try:
+            reply = await asyncio.wait_for(fut, START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise WorkerStartFailed(f"worker process {self.pid} did not start within {START_TIMEOUT_S:g} s") from None
+        if reply is None:
+            await self.wait_exit(1.0)
+            raise WorkerStartFailed(f"worker process {self.pid} exited during start-up ({self.describe_exit()})")
+        if reply[0] == "failed":
+            _, name, message, tb = reply
+            raise WorkerStartFailed(f"{name}: {message}", tb)
+
+    # --- I/O -------------------------------------------------------------------------------
+    def send(self, frames: list[Any]) -> None:
+        """Queue one message; it goes out as soon as the socket takes it. Never blocks."""
+        if self.detached:
+            return
+        out = self._out
+        out.append(memoryview(message_header(frames)))
+        for f in frames:
+            m = memoryview(f)
+            if m.nbytes:
+                out.append(m.cast("B") if m.format != "B" or m.ndim != 1 else m)
+        if not self.writing:
+            self._write()
+
+    def _write(self) -> None:
+        out = self._out
+        try:
+            while out:
+                sent = self.sock.sendmsg(list(out)[:IOV_BATCH] if len(out) > IOV_BATCH else out)
+                advance(out, sent)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # the worker is gone; the reader sees EOF and reports it
+            out.clear()
+        if out and not self.writing:
+            self.writing = True
+            self.loop.add_writer(self.sock.fileno(), self._write)
+        elif not out and self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.sock.fileno())
+
+    def resume_reading(self) -> None:
+        if not self.reading and not self.detached and not self.eof:
+            self.reading = True
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def pause_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _readable(self) -> None:
+        reader = self.reader
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                msgs = reader.read()
+            except (BlockingIOError, InterruptedError):
+                return
+            except (EOFError, OSError):
+                self.eof = True
+                self.pause_reading()
+                self.on_eof(self)
+                return
+            for frames in msgs:
+                self.on_message(self, frames)
+            if not self.reading:  # paused by the handler (a generator's outputs wait)
+                return
+
+    # --- the running task, read from shared memory --------------------------------------
+    def current_task(self) -> int:
+        """The id of the task the worker was executing (0: none). Exact once it is dead."""
+        try:
+            return int(_SLOT.unpack_from(self._slot, 0)[0])
+        except ValueError:  # the map is closed
+            return 0
+
+    # --- stop ----------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Close our ends: the worker sees its lifeline close and exits. Idempotent."""
+        if self.detached:
+            return
+        self.detached = True
+        self.pause_reading()
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.sock.fileno())
+        self._out.clear()
+        self.sock.close()
+        os.close(self._life_w)
+
+    def revoke(self) -> None:
+        """Ask the worker for the tasks it has not started (answered by a ``returned`` message)."""
+        if not self.detached:
+            try:
+                os.write(self._life_w, REVOKE)
+            except OSError:  # full (a revoke is pending anyway) or gone (the reader sees EOF)
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL the process if it still runs."""
+        if self.proc.returncode is None:
+            try:
+                self.proc.send_signal(signal.SIGKILL)
+            except OSError:  # pragma: no cover - already gone
+                pass
+
+    async def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to exit; True if it did."""
+        deadline = self.loop.time() + timeout
+        delay = 0.0005
+        while self.proc.poll() is None:
+            if self.loop.time() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        return True
+
+    def reap(self) -> None:
+        """Detach, kill if still running, and wait for the exit (blocks briefly). Idempotent."""
+        self.detach()
+        if self.proc.poll() is None:
+            self.kill()
+            self.proc.wait()
+        if not self._slot.closed:
+            self._slot.close()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def describe_exit(self) -> str:
+        rc = self.proc.returncode
+        if rc is None:
+            return "still running"
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            return f"killed by {name}"
+        return f"exit code {rc}"
+
+
+# --- what crosses the boundary ----------------------------------------------------------
+
+
+class _RemoteTraceback(RemoteError):
+    """The ``__cause__`` of a recreated remote exception: its traceback text in ``str()``."""
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}\n\nRemote traceback (worker process):\n{self.traceback_text}"
+
+
+def _importable(name: str, file: str | None) -> bool:
+    """Would a fresh interpreter with our ``sys.path`` import module ``name`` from ``file``?"""
+    if not name or name == "__main__" or name.endswith(".__main__"):
+        return False
+    parts = name.split(".")
+    path: Any = None
+    spec = None
+    for i in range(len(parts)):
+        full = ".".join(parts[: i + 1])
+        spec = None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if find is None or getattr(finder, "__module__", "").startswith("_pytest"):
+                continue  # pytest's import hooks do not exist in a worker process
+            try:
+                spec = find(full, path)
+            except Exception:  # noqa: BLE001 - a broken finder just does not find it
+                spec = None
+            if spec is not None:
+                break
+        if spec is None:
+            return False
+        path = spec.submodule_search_locations
+    if spec is None:
+        return False
+    if file is None or spec.origin in (None, "built-in", "frozen"):
+        return True
+    try:
+        return os.path.samefile(spec.origin, file)
+    except OSError:
+        return False
+
+
+def _modules_of(fn: Any) -> list[str]:
+    """The modules whose code ``fn`` is: its own, and its class's for a callable object or method."""
+    target = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    names = [getattr(target, "__module__", None)]
+    if inspect.ismethod(target):
+        names.append(type(target.__self__).__module__)
+    elif not (inspect.isfunction(target) or inspect.isbuiltin(target)):
+        names.append(type(target).__module__)
+    return [n for n in names if isinstance(n, str)]
+
+
+def _loaded_by_a_hook(module: Any) -> bool:
+    """Loaded by an import hook a worker does not have (pytest's assertion rewriter)."""
+    loader = getattr(module, "__loader__", None)
+    return type(loader).__module__.startswith("_pytest")
+
+
+def pickle_function(fn: Callable[..., Any]) -> bytes:
+    """cloudpickle ``fn``, by value for modules a worker could not import by name."""
+    import cloudpickle  # type: ignore[import-untyped]
+
+    for name in _modules_of(fn):
+        module = sys.modules.get(name)
+        if module is None or name == "__main__":
+            continue  # cloudpickle already ships __main__ by value
+        if _loaded_by_a_hook(module) or not _importable(name, getattr(module, "__file__", None)):
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except (ValueError, TypeError):  # pragma: no cover - not registrable: try by reference
+                pass
+    return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
+
+
+def decode_event(e: tuple[Any, ...], frames: list[Any]) -> tuple[int, int, Any]:
+    """One outcome of an ``events`` message as ``(tid, code, value or exception)``, never raising."""
+    tid, code, tag, data = e[0], e[1], e[2], e[3]
+    try:
+        value = decode(tag, data, frames)
+    except Exception as exc:  # noqa: BLE001 - any failure to load fails that item only
+        if code == ERROR:
+            return tid, code, RemoteError(e[4], e[5], e[6])
+        err = pickle.UnpicklingError(
+            f"{'a yielded value' if code == EMIT else 'the result'} sent back by the worker "
+            f"process could not be unpickled: {type(exc).__name__}: {exc}"
+        )
+        err.__cause__ = exc
+        return tid, ERROR, err
+    if code == ERROR:
+        if value is None:
+            value = RemoteError(e[4], e[5], e[6])
+        else:
+            value.__cause__ = _RemoteTraceback(e[4], e[5], e[6])
+    return tid, code, value

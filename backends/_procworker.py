@@ -1,0 +1,887 @@
+"""Inside a worker process of the ``process`` backend, and the wire both sides speak.
+
+::
+
+    parent (pypline.backends.process)                 worker process (this module's main())
+    ---------------------------------                 -------------------------------------
+    hello: stage, index, kind, fn (cloudpickle) ────►  load fn once; reply ready(pid) or failed(tb)
+    tasks: first tid, attempt numbers, items    ────►  main thread: deque of tasks, FIFO, one at a time
+                                                         slot := tid; call fn; slot := 0
+                                                         outcome -> outbox (ok / error / emit)
+    results: first tid, [value, ...]            ◄────  outbox flushed: queue empty, half the credits
+    events: [(tid, ok|error|emit, value), ...]  ◄────    done, or the oldest outcome waited FLUSH_LATENCY_S
+                                                         (a flusher thread bounds it while a long call runs)
+    lifeline pipe: "R" (a call runs too long)   ────►  monitor thread: returned: [tids not started]
+    lifeline pipe closed (parent gone or done)  ────►  monitor thread: os._exit(0), even mid-call
+
+**The wire.** Each direction of the socketpair carries messages made of frames::
+
+    u32 nframes | nframes x u64 length | frame 0 (envelope) | frame 1 | ... | frame n-1
+
+The envelope is a plain ``pickle`` (protocol 5) of a tuple ``(kind, ...)`` holding
+ints, strings and values of a few builtin types (``_INLINE_TYPES``), so it never
+fails and always loads. Task ids are consecutive within a ``tasks`` message (only
+the first is sent; attempt numbers only when one is not 1), and a flush whose
+outcomes are all in-order results of builtin types is a compact ``results``
+message: the common case costs no tuple per item. Any other value is pickled ON ITS
+OWN with cloudpickle into a frame of its own (so one value that cannot be pickled,
+or cannot be unpickled on the other side, fails only its own item) and appears in
+the envelope as ``(tag, data)``, followed by its protocol-5 out-of-band buffers
+(numpy arrays, ...) as separate frames. A large ``bytes``/``bytearray``/
+``memoryview`` value travels as a raw frame: the sender hands its memory to
+``sendmsg`` (no pickling, no copy) and the receiver ``recv_into``s a buffer of the
+exact size (for ``bytes``, the new ``bytes`` object itself: ``new_bytes``). Small
+frames are parsed out of one reusable read buffer, so many small messages cost one
+``recv``.
+
+**Faults.** The shared ``slot`` (8 bytes of shared memory) holds the id of the task
+being executed, written without a system call. When the process dies, the parent
+reads it: that task died with the process (``WorkerDied``); the others were only
+queued and are re-run elsewhere. Exceptions travel as (type name, message,
+traceback text, the pickled exception); the parent recreates the exception if it
+can and always keeps the traceback text.
+
+A worker process loads this file by its path, not as ``pypline.backends._procworker``,
+so that it does not import pypline (asyncio, the engine) unless the stage's function
+does (see ``_ContextHook``); it imports asyncio only for ``async`` functions and
+cloudpickle only when a value needs it. That halves a worker's start-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import itertools
+import mmap
+import os
+import pickle
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+import types
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# --- tuning -----------------------------------------------------------------------------
+
+#: A bytes-like value (or out-of-band buffer) at least this big travels as its own
+#: frame, sent straight from its memory and received into a buffer of its own size.
+#: Smaller ones are copied into the envelope: a 64 KiB memcpy costs less than the
+#: extra iovec, length word and allocation of a separate frame.
+BIG_FRAME = 64 * 1024
+
+#: Bytes asked for per ``recv``. Big enough that a batch of a thousand small
+#: results is one system call; frames at least BIG_FRAME bypass it.
+READ_CHUNK = 256 * 1024
+
+#: The longest a finished outcome waits in a worker before it is sent (plus up to
+#: one GIL switch interval while a call runs). Shorter means lower latency; longer
+#: means fewer messages, and every message wakes the parent, which on a machine
+#: with as many busy workers as cores takes CPU from a worker. 5 ms lets results of
+#: calls of a few milliseconds travel in twos and threes (measured: a third of the
+#: scheduling gaps of 2 ms on 2 cores) and is still below what a person notices.
+FLUSH_LATENCY_S = 0.005
+
+#: Empty checks (FLUSH_LATENCY_S apart) after which the flusher thread parks. While
+#: it checks, it takes the GIL every few ms (cheap); parking and waking it costs a
+#: thread switch each, so it stays awake through ~100 ms of quiet.
+FLUSHER_IDLE_CHECKS = 50
+
+#: How often a worker whose lifeline pipe is still open checks that its parent
+#: process is the one that started it (the pipe can be inherited by a process the
+#: parent forked, which would keep it open after the parent died).
+PARENT_CHECK_S = 1.0
+
+#: Most iovecs handed to one ``sendmsg`` (POSIX guarantees at least 16, Linux 1024).
+IOV_BATCH = 512
+
+# --- the wire ---------------------------------------------------------------------------
+
+_COUNT = struct.Struct("<I")
+_LEN = struct.Struct("<Q")
+
+#: Set in a frame's length when the sender had it as ``bytes``: the receiver then
+#: reads a big one straight into a new ``bytes`` object (see ``new_bytes``).
+IMMUTABLE = 1 << 63
+
+# Value tags in an envelope.
+INLINE = 0  # the value itself is in the envelope
+BLOB = 1  # (frame index, number of out-of-band buffers): cloudpickled on its own
+RAW = 2  # (frame index, RAW_BYTES | RAW_BYTEARRAY | RAW_MEMORYVIEW)
+
+RAW_BYTES = 0
+RAW_BYTEARRAY = 1
+RAW_MEMORYVIEW = 2
+
+#: Written by the parent on the lifeline pipe: give back the tasks not started yet.
+REVOKE = b"R"
+
+# Outcome codes in an ``events`` message.
+OK = 0
+EMIT = 1
+ERROR = 2
+
+#: Types whose values go into the envelope as they are: plain pickle handles them,
+#: and they load in any interpreter.
+_INLINE_TYPES = frozenset({int, float, str, bool, type(None), complex})
+
+
+class Encoder:
+    """Turns values into (tag, data) envelope entries plus the frames they refer to.
+
+    One encoder is reused for many messages: building a cloudpickle ``Pickler`` costs
+    more than pickling a small value with an existing one.
+    """
+
+    def __init__(self) -> None:
+        import cloudpickle  # type: ignore[import-untyped]  # only now: keeps worker start-up light
+
+        self._file = io.BytesIO()
+        self._oob: list[pickle.PickleBuffer] = []
+        self._pickler = cloudpickle.Pickler(self._file, protocol=5, buffer_callback=self._on_buffer)
+        self.frames: list[Any] = []
+
+    def _on_buffer(self, buf: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buf.raw()
+        except BufferError:  # not contiguous: let pickle copy it in-band
+            return True
+        if raw.nbytes < BIG_FRAME:
+            return True
+        self._oob.append(raw)  # type: ignore[arg-type]
+        return False  # out-of-band: becomes a frame of its own
+
+    def reset(self) -> None:
+        self.frames = [None]  # frame 0 is the envelope, filled by finish()
+
+    def value(self, v: Any) -> tuple[int, Any]:
+        """Encode one value; raises whatever pickling raises (nothing is appended then)."""
+        t = type(v)
+        if t in _INLINE_TYPES:
+            return INLINE, v
+        if t is memoryview and v.c_contiguous:  # pickle refuses memoryviews: always a raw frame
+            self.frames.append(v.cast("B") if v.format != "B" or v.ndim != 1 else v)
+            return RAW, (len(self.frames) - 1, RAW_MEMORYVIEW, v.format, v.shape)
+        if t is bytes or t is bytearray:
+            if len(v) >= BIG_FRAME:
+                self.frames.append(v)
+                return RAW, (len(self.frames) - 1, RAW_BYTES if t is bytes else RAW_BYTEARRAY)
+            if t is bytes:
+                return INLINE, v
+        f = self._file
+        f.seek(0)
+        f.truncate()
+        self._oob = []
+        p = self._pickler
+        p.clear_memo()
+        if hasattr(p, "globals_ref"):
+            p.globals_ref = {}  # cloudpickle shares function globals within one dump only
+        try:
+            p.dump(v)
+        finally:
+            oob, self._oob = self._oob, []
+        data = f.getvalue()
+        index = len(self.frames)
+        self.frames.append(data)
+        self.frames.extend(oob)
+        return BLOB, (index, len(oob))
+
+    def finish(self, envelope: Any) -> list[Any]:
+        """The message's frames, envelope first."""
+        frames = self.frames
+        frames[0] = pickle.dumps(envelope, protocol=5)
+        self.frames = []
+        return frames
+
+
+def _new_bytearray(size: int) -> tuple[bytearray, memoryview]:
+    buf = bytearray(size)
+    return buf, memoryview(buf)
+
+
+def _bytes_data_offset() -> int | None:
+    """Where a ``bytes`` object's data starts, if this interpreter lets us fill one (CPython)."""
+    if sys.implementation.name != "cpython":
+        return None
+    try:
+        offset = bytes.__basicsize__ - 1  # the data follows the header; basicsize counts its NUL
+        probe = bytes(16)
+        ctypes.memmove(id(probe) + offset, b"0123456789abcdef", 16)
+        return offset if probe == b"0123456789abcdef" else None
+    except Exception:  # noqa: BLE001 - any surprise: use the portable path
+        return None
+
+
+_BYTES_DATA = _bytes_data_offset()
+
+
+def new_bytes(size: int) -> tuple[bytes | bytearray, memoryview]:
+    """A new, not yet shared ``bytes`` of ``size`` and a writable view to fill it.
+
+    A big ``bytes`` item would otherwise be received into a ``bytearray`` and copied
+    into a ``bytes``: twice the memory traffic and twice the page faults. CPython
+    itself builds a ``bytes`` by allocating it and then writing its data; this does
+    the same from Python, for an object nobody else has seen yet (``bytes(n)`` is
+    calloc'ed: fresh zero pages, no memset). Elsewhere it is a ``bytearray``.
+    """
+    if _BYTES_DATA is None:
+        return _new_bytearray(size)
+    obj = bytes(size)
+    raw = (ctypes.c_char * size).from_address(id(obj) + _BYTES_DATA)
+    return obj, memoryview(raw).cast("B")
+
+
+def decode(tag: int, data: Any, frames: Sequence[Any]) -> Any:
+    """The value an envelope entry stands for; raises if it cannot be unpickled."""
+    if tag == INLINE:
+        return data
+    if tag == BLOB:
+        index, nbufs = data
+        return pickle.loads(frames[index], buffers=frames[index + 1 : index + 1 + nbufs])
+    index, code = data[0], data[1]
+    buf = frames[index]
+    if code == RAW_BYTES:
+        return buf if type(buf) is bytes else bytes(buf)
+    if code == RAW_BYTEARRAY:
+        return buf if type(buf) is bytearray else bytearray(buf)
+    view = memoryview(buf)
+    fmt, shape = data[2], data[3]
+    return view if fmt == "B" and len(shape) == 1 else view.cast(fmt, shape)
+
+
+def message_header(frames: Sequence[Any]) -> bytes:
+    """The count and length table; a ``bytes`` frame's length carries IMMUTABLE."""
+    n = len(frames)
+    lengths = [len(f) | IMMUTABLE if type(f) is bytes else memoryview(f).nbytes for f in frames]
+    return _COUNT.pack(n) + struct.pack(f"<{n}Q", *lengths)
+
+
+def send_all(sock: socket.socket, frames: Sequence[Any]) -> None:
+    """Send one message on a blocking socket, without copying the frames."""
+    bufs: deque[memoryview] = deque(memoryview(f).cast("B") for f in (message_header(frames), *frames))
+    while bufs:
+        sent = sock.sendmsg(list(bufs)[:IOV_BATCH] if len(bufs) > IOV_BATCH else bufs)
+        advance(bufs, sent)
+
+
+def advance(bufs: deque[memoryview], sent: int) -> None:
+    """Drop ``sent`` bytes from the front of a deque of buffers."""
+    while sent:
+        head = bufs[0]
+        n = head.nbytes
+        if sent >= n:
+            bufs.popleft()
+            sent -= n
+        else:
+            bufs[0] = head[sent:]
+            sent = 0
+    while bufs and not bufs[0].nbytes:
+        bufs.popleft()
+
+
+class FrameReader:
+    """Parses messages out of a socket, blocking or not.
+
+    ``read()`` does ONE ``recv`` and returns the messages completed by it (each a
+    list of frames: ``bytes`` for small ones, a ``bytearray`` of its own for big
+    ones). On a non-blocking socket it raises ``BlockingIOError`` when nothing is
+    there; at the end of the stream it raises ``EOFError``.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(READ_CHUNK)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.lengths: tuple[int, ...] | None = None
+        self.nframes = -1
+        self.frames: list[Any] = []
+        self.big: bytes | bytearray | None = None
+        self.big_view: memoryview | None = None
+        self.big_off = 0
+
+    def read(self, flags: int = 0) -> list[list[Any]]:
+        if self.big is not None:
+            assert self.big_view is not None
+            n = self.sock.recv_into(self.big_view[self.big_off :], 0, flags)
+            if not n:
+                raise EOFError
+            self.big_off += n
+            if self.big_off < len(self.big):
+                return []
+            self.frames.append(self.big)
+            self.big = self.big_view = None
+            return self._parse()
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif len(self.buf) - self.end < READ_CHUNK // 4:  # keep room to read into
+            left = self.end - self.start
+            self.view[:left] = self.view[self.start : self.end]
+            self.start, self.end = 0, left
+        n = self.sock.recv_into(self.view[self.end :], 0, flags)
+        if not n:
+            raise EOFError
+        self.end += n
+        return self._parse()
+
+    def _parse(self) -> list[list[Any]]:
+        out: list[list[Any]] = []
+        view = self.view
+        while True:
+            avail = self.end - self.start
+            if self.nframes < 0:
+                if avail < 4:
+                    break
+                self.nframes = _COUNT.unpack_from(view, self.start)[0]
+                self.start += 4
+                avail -= 4
+            if self.lengths is None:
+                need = 8 * self.nframes
+                if need > len(self.buf) // 2:  # a huge message: grow the read buffer
+                    self._grow(need * 2)
+                    view = self.view
+                if avail < need:
+                    break
+                self.lengths = struct.unpack_from(f"<{self.nframes}Q", view, self.start)
+                self.start += need
+            frames = self.frames
+            lengths = self.lengths
+            while len(frames) < self.nframes:
+                size = lengths[len(frames)]
+                immutable = size & IMMUTABLE
+                size &= ~IMMUTABLE
+                avail = self.end - self.start
+                if size >= BIG_FRAME:
+                    big, big_view = new_bytes(size) if immutable else _new_bytearray(size)
+                    take = min(avail, size)
+                    big_view[:take] = view[self.start : self.start + take]
+                    self.start += take
+                    if take < size:
+                        self.big, self.big_view, self.big_off = big, big_view, take
+                        return out
+                    frames.append(big)
+                else:
+                    if avail < size:
+                        return out
+                    frames.append(bytes(view[self.start : self.start + size]))
+                    self.start += size
+            out.append(frames)
+            self.frames = []
+            self.lengths = None
+            self.nframes = -1
+        return out
+
+    def _grow(self, size: int) -> None:
+        buf = bytearray(max(size, READ_CHUNK))
+        left = self.end - self.start
+        buf[:left] = self.view[self.start : self.end]
+        self.buf, self.view = buf, memoryview(buf)
+        self.start, self.end = 0, left
+
+
+def exception_fields(exc: BaseException) -> tuple[str, str, str]:
+    """(type name, message, formatted traceback) of an exception, never raising."""
+    cls = type(exc)
+    mod = getattr(cls, "__module__", "") or ""
+    name = cls.__qualname__ if mod in ("builtins", "") else f"{mod}.{cls.__qualname__}"
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
+        message = f"<{cls.__qualname__} with unprintable message>"
+    try:
+        tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    except Exception:  # noqa: BLE001 - the message alone will do
+        tb = f"{name}: {message}\n"
+    return name, message, tb
+
+
+# --- the worker process -----------------------------------------------------------------
+
+
+class _Worker:
+    """The worker's state: its function, task queue, outbox and the two helper threads."""
+
+    def __init__(self, sock: socket.socket, lifeline: int, slot: mmap.mmap, parent: int) -> None:
+        self.sock = sock
+        self.lifeline = lifeline
+        self.slot_map = slot
+        self.slot = ctypes.c_uint64.from_buffer(slot)  # one store per task, no system call
+        self.parent = parent
+        self.reader = FrameReader(sock)
+        self._encoder: Encoder | None = None  # built on first use: imports cloudpickle
+        self.queue: deque[tuple[int, int, Any]] = deque()  # (tid, attempt, item or (tag, data))
+        self.frames_of: dict[int, list[Any]] = {}  # tid -> its message's frames, for non-inline items
+        self.outbox: deque[tuple[Any, ...]] = deque()  # (tid, code, value) or (tid, ERROR, exc)
+        self.out_first = 0.0  # when the oldest outcome in the outbox was added
+        self.busy_s = 0.0  # time spent in calls since the last flush
+        self.done = 0  # calls finished since the last flush
+        self.flush_at = 1
+        self.samples: list[float] = []  # durations of one call in every `sample_every`
+        self.sample_every = 32
+        self.since_sample = 0
+        self.lock = threading.Lock()  # one flush at a time, in order
+        self.read_lock = threading.Lock()  # the main thread's reads vs give_back()'s
+        self.parked = False
+        self.wake = threading.Event()
+        self.stage = "?"
+        self.index = 0
+        self.fn: Callable[..., Any] | None = None
+        self.kind = "sync"
+        self.infos: dict[int, Any] = {}
+        self.set_info: Callable[[Any], None] | None = None
+        self.make_info: Callable[..., Any] | None = None
+        self.number = 0
+        self.loop: Any = None
+        self.emitted_sent = False  # something was sent since the current task began
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = Encoder()
+        return self._encoder
+
+    # -- helper threads ---------------------------------------------------------------
+    def start_threads(self) -> None:
+        threading.Thread(target=self._monitor, name="pypline-worker-monitor", daemon=True).start()
+        threading.Thread(target=self._flusher, name="pypline-worker-flusher", daemon=True).start()
+
+    def _monitor(self) -> None:
+        """Exit at once when the lifeline closes (the parent is done or died)."""
+        poller = select.poll()  # not select(): the inherited fd number may be above FD_SETSIZE
+        poller.register(self.lifeline, select.POLLIN)
+        while True:
+            if poller.poll(PARENT_CHECK_S * 1000):
+                try:
+                    data = os.read(self.lifeline, 64)
+                except OSError:
+                    data = b""
+                if not data:
+                    _exit_now()
+                if REVOKE in data:
+                    self.give_back()
+            elif os.getppid() != self.parent:
+                _exit_now()
+
+    def give_back(self) -> None:
+        """The parent wants back every task not yet started (a slow call holds them up).
+
+        Runs in the monitor thread while the main thread is inside a call. Tasks still
+        in the socket are read first (unless the main thread is reading: then it is
+        idle and has nothing to give back), so none stays stuck behind the call.
+        """
+        if self.read_lock.acquire(blocking=False):
+            try:
+                while True:
+                    msgs = self.reader.read(socket.MSG_DONTWAIT)
+                    self._handle(msgs)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except (EOFError, ConnectionError, OSError):
+                _exit_now()
+            finally:
+                self.read_lock.release()
+        with self.lock:
+            taken = []
+            queue = self.queue
+            while True:
+                try:
+                    taken.append(queue.pop())  # atomic: the main thread pops the other end
+                except IndexError:
+                    break
+            taken.reverse()
+            for t in taken:
+                self.frames_of.pop(t[0], None)
+            self.send([pickle.dumps(("returned", [t[0] for t in taken]), protocol=5)])
+
+    def _flusher(self) -> None:
+        """Send outcomes that waited FLUSH_LATENCY_S while a long call runs.
+
+        Parked (no wake-ups, so no GIL hand-offs that would slow the worker) until
+        the main thread starts a call while outcomes are still unsent; then it checks
+        every FLUSH_LATENCY_S and parks again after FLUSHER_IDLE_CHECKS empty checks,
+        so a stream of fast batches wakes it once, not once per batch.
+        """
+        idle = FLUSHER_IDLE_CHECKS
+        while True:
+            if idle >= FLUSHER_IDLE_CHECKS:
+                self.parked = True
+                if not self.outbox:  # re-check after parking: the main thread tests `parked` after appending
+                    self.wake.wait()
+                    self.wake.clear()
+                self.parked = False
+                idle = 0
+            time.sleep(FLUSH_LATENCY_S)
+            if self.outbox:
+                idle = 0
+                if time.perf_counter() - self.out_first >= FLUSH_LATENCY_S:
+                    self.flush()
+            else:
+                idle += 1
+
+    def send(self, frames: list[Any]) -> None:
+        """Send one message; if the parent is gone, so is this worker."""
+        try:
+            send_all(self.sock, frames)
+        except OSError:
+            _exit_now()
+
+    # -- outcomes ------------------------------------------------------------------------
+    def _add(self, event: tuple[Any, ...]) -> None:
+        if not self.outbox:
+            self.out_first = time.perf_counter()
+        self.outbox.append(event)
+
+    def flush(self) -> None:
+        with self.lock:
+            outbox = self.outbox
+            if not outbox:
+                return
+            n = len(outbox)
+            events = [outbox.popleft() for _ in range(n)]
+            busy, done, samples = self.busy_s, self.done, self.samples
+            self.busy_s = 0.0
+            self.done = 0
+            self.samples = []
+            inline = _INLINE_TYPES
+            first = events[0][0]
+            values: list[Any] = []
+            for tid, code, value in events:  # the common case: in-order results of builtin types
+                if code != OK or type(value) not in inline or tid != first + len(values):
+                    break
+                values.append(value)
+            else:
+                self.send([pickle.dumps(("results", busy, done, samples, first, values), protocol=5)])
+                self.emitted_sent = True
+                return
+            enc = self.encoder
+            enc.reset()
+            entries: list[tuple[Any, ...]] = []
+            for ev in events:
+                tid, code = ev[0], ev[1]
+                if type(ev[2]) in inline and code != ERROR:
+                    entries.append((tid, code, INLINE, ev[2]))
+                    continue
+                if code == ERROR:
+                    entries.append(self._encode_error(tid, ev[2]))
+                    continue
+                mark = len(enc.frames)
+                try:
+                    tag, data = enc.value(ev[2])
+                except BaseException as exc:  # noqa: BLE001 - any pickling failure fails that item only
+                    del enc.frames[mark:]
+                    err = pickle.PicklingError(
+                        f"{'a yielded value' if code == EMIT else 'the result'} of type "
+                        f"{type(ev[2]).__qualname__} could not be pickled to send it back: {exc}"
+                    )
+                    err.__cause__ = exc
+                    entries.append(self._encode_error(tid, err))
+                    continue
+                entries.append((tid, code, tag, data))
+            frames = enc.finish(("events", busy, done, samples, entries))
+            self.send(frames)
+            self.emitted_sent = True
+
+    def _encode_error(self, tid: int, exc: BaseException) -> tuple[Any, ...]:
+        name, message, tb = exception_fields(exc)
+        enc = self.encoder
+        mark = len(enc.frames)
+        try:
+            tag, data = enc.value(exc)
+        except BaseException:  # noqa: BLE001 - the parent gets a RemoteError instead
+            del enc.frames[mark:]
+            tag, data = INLINE, None
+        return (tid, ERROR, tag, data, name, message, tb)
+
+    # -- messages from the parent ------------------------------------------------------
+    def receive(self) -> None:
+        """Block until at least one message came, and handle it."""
+        with self.read_lock:
+            while True:
+                try:
+                    msgs = self.reader.read()
+                except (EOFError, ConnectionError, OSError):
+                    _exit_now()
+                if msgs:
+                    break
+            self._handle(msgs)
+
+    def _handle(self, msgs: list[list[Any]]) -> None:
+        for frames in msgs:
+            env = pickle.loads(frames[0])
+            kind = env[0]
+            if kind == "tasks":
+                _, self.flush_at, first, numbers, items = env
+                tids = range(first, first + len(items))
+                self.queue.extend(zip(tids, numbers or itertools.repeat(1), items))
+                if len(frames) > 1:  # some items travel in frames of their own
+                    for tid, x in zip(tids, items):
+                        if type(x) is tuple:
+                            self.frames_of[tid] = frames
+            elif kind == "hello":
+                self._hello(env, frames)
+
+    def _hello(self, env: tuple[Any, ...], frames: list[Any]) -> None:
+        _, stage, index, kind, tag, data, self.sample_every = env
+        self.stage, self.index = stage, index
+        try:
+            fn = decode(tag, data, frames)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the start
+            name, message, tb = exception_fields(exc)
+            self.send([pickle.dumps(("failed", name, message, tb), protocol=5)])
+            return
+        self.fn, self.kind = fn, kind
+        self.infos = {}
+        self.number = 0
+        context = sys.modules.get("pypline._context")
+        if context is not None:
+            self.bind_context(context)
+        elif not any(isinstance(f, _ContextHook) for f in sys.meta_path):
+            sys.meta_path.insert(0, _ContextHook(self))
+        self.send([pickle.dumps(("ready", os.getpid()), protocol=5)])
+
+    def bind_context(self, context: Any) -> None:
+        """pypline is imported here: from now on set ``current_worker()`` around each call."""
+        self.make_info, self.set_info = context.WorkerInfo, context.set_worker_info
+        self.infos = {}
+        if self.number:  # imported during a call: that call needs its info now
+            number, self.number = self.number, 0
+            self._info(number)
+
+    def _info(self, number: int) -> None:
+        if number != self.number:
+            self.number = number
+            if self.set_info is None:  # pypline not imported: nobody can ask (see _ContextHook)
+                return
+            info = self.infos.get(number)
+            if info is None:
+                assert self.make_info is not None
+                info = self.infos[number] = self.make_info(self.stage, self.index, number)
+            self.set_info(info)
+
+    # -- running tasks --------------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            if not self.queue:
+                self.flush()
+                self.receive()
+                continue
+            if self.kind in ("async", "async_gen"):
+                self._loop().run_until_complete(self._run_async())
+            else:
+                self._run_sync()
+
+    def _loop(self) -> Any:
+        if self.loop is None:
+            import asyncio
+
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+        return self.loop
+
+    def _item(self, tid: int, tag: int, data: Any) -> Any:
+        """Decode a non-inline item; on failure report the task and return ``_NO_ITEM``."""
+        frames = self.frames_of.pop(tid, ())
+        try:
+            return decode(tag, data, frames)
+        except BaseException as exc:  # noqa: BLE001 - that item fails, nothing else
+            err = pickle.UnpicklingError(f"the item could not be unpickled in the worker process: {exc}")
+            err.__cause__ = exc
+            self._add((tid, ERROR, err))
+            return _NO_ITEM
+
+    def _end_generator(self) -> None:
+        if self.emitted_sent:
+            # A generator whose outputs were already sent: send its end before the next
+            # task starts, so a crash later never leaves its outputs without an outcome.
+            self.flush()
+
+    def _emit(self, tid: int, value: Any) -> None:
+        self._add((tid, EMIT, value))
+        if len(self.outbox) >= self.flush_at or time.perf_counter() - self.out_first >= FLUSH_LATENCY_S:
+            self.flush()
+        elif self.parked:  # the generator goes on computing: bound the value's wait
+            self.wake.set()
+
+    def _run_sync(self) -> None:
+        """Run queued tasks of a plain or generator function. The hot loop: keep it flat."""
+        queue, fn, outbox, slot = self.queue, self.fn, self.outbox, self.slot
+        assert fn is not None
+        gen = self.kind == "gen"
+        clock = time.perf_counter
+        latency = FLUSH_LATENCY_S
+        busy = 0.0
+        done = 0
+        k, every = self.since_sample, self.sample_every
+        while queue:
+            tid, number, item = queue.popleft()
+            if type(item) is tuple:  # (tag, data): not an inline value
+                item = self._item(tid, item[0], item[1])
+                if item is _NO_ITEM:
+                    continue
+            if number != self.number:
+                self._info(number)
+            self.emitted_sent = False
+            slot.value = tid
+            t0 = clock()
+            try:
+                if gen:
+                    for v in fn(item):
+                        self._emit(tid, v)
+                    value = None
+                else:
+                    value = fn(item)
+                    if isinstance(value, _CoroutineType):  # a def that returned a coroutine
+                        value = self._loop().run_until_complete(value)
+            except BaseException as exc:  # noqa: BLE001 - the user's function failed: report it
+                event: tuple[Any, ...] = (tid, ERROR, exc)
+            else:
+                event = (tid, OK, value)
+            t1 = clock()
+            if not outbox:
+                self.out_first = t1
+            outbox.append(event)
+            slot.value = 0
+            busy += t1 - t0
+            done += 1
+            k += 1
+            if k >= every:
+                k = 0
+                self.samples.append(t1 - t0)
+            if gen and self.emitted_sent:
+                self.busy_s += busy
+                self.done += done
+                busy, done = 0.0, 0
+                self._end_generator()
+            elif not queue or len(outbox) >= self.flush_at or t1 - self.out_first >= latency:
+                self.busy_s += busy
+                self.done += done
+                busy, done = 0.0, 0
+                self.flush()
+            elif self.parked:  # outcomes stay unsent while the next call runs: bound their wait
+                self.wake.set()
+        self.busy_s += busy
+        self.done += done
+        self.since_sample = k
+
+    async def _run_async(self) -> None:
+        """Run queued tasks of an ``async def`` (or async generator) function on this loop."""
+        queue, fn, outbox, slot = self.queue, self.fn, self.outbox, self.slot
+        assert fn is not None
+        agen = self.kind == "async_gen"
+        clock = time.perf_counter
+        self.number = 0  # a new task: its context has no worker info yet
+        while queue:
+            tid, number, item = queue.popleft()
+            if type(item) is tuple:  # (tag, data): not an inline value
+                item = self._item(tid, item[0], item[1])
+                if item is _NO_ITEM:
+                    continue
+            if number != self.number:
+                self._info(number)
+            self.emitted_sent = False
+            slot.value = tid
+            t0 = clock()
+            try:
+                if agen:
+                    it = fn(item)
+                    try:
+                        async for v in it:
+                            self._emit(tid, v)
+                    finally:
+                        await it.aclose()
+                    value = None
+                else:
+                    value = await fn(item)
+            except BaseException as exc:  # noqa: BLE001 - the user's function failed: report it
+                event: tuple[Any, ...] = (tid, ERROR, exc)
+            else:
+                event = (tid, OK, value)
+            t1 = clock()
+            if not outbox:
+                self.out_first = t1
+            outbox.append(event)
+            slot.value = 0
+            self.busy_s += t1 - t0
+            self.done += 1
+            self.since_sample += 1
+            if self.since_sample >= self.sample_every:
+                self.since_sample = 0
+                self.samples.append(t1 - t0)
+            if agen and self.emitted_sent:
+                self._end_generator()
+            elif not queue or len(outbox) >= self.flush_at or t1 - self.out_first >= FLUSH_LATENCY_S:
+                self.flush()
+            elif self.parked:
+                self.wake.set()
+
+
+class _ContextHook:
+    """Binds ``current_worker()`` the moment a worker's code first imports pypline.
+
+    Workers do not import pypline themselves (it would cost a fresh interpreter
+    ~70 ms: asyncio, the engine), and a function that never asks for
+    ``current_worker()`` never needs it. A function that does has imported pypline
+    by the time it asks, at the latest during its call: this meta-path hook sees
+    ``pypline._context`` being imported and hands it to the worker, which sets the
+    info of the call in progress. Removes itself after that one import.
+    """
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "pypline._context":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run, worker = loader.exec_module, self.worker
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            worker.bind_context(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+_NO_ITEM = object()
+_CoroutineType = types.CoroutineType
+
+
+def _exit_now() -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of a worker process: ``main([data_fd, lifeline_fd, slot_fd, parent_pid])``."""
+    import signal
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    data_fd, life_fd, slot_fd, parent = (int(a) for a in args[:4])
+    # Ctrl-C goes to the whole process group; the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=data_fd)
+    sock.setblocking(True)
+    slot = mmap.mmap(slot_fd, 8)
+    os.close(slot_fd)
+    worker = _Worker(sock, life_fd, slot, parent)
+    worker.start_threads()
+    try:
+        worker.serve()
+    finally:
+        _exit_now()
