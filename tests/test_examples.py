@@ -30,6 +30,8 @@ KEY_LINES = {
     "error_handling": "failures (2):",
     "streaming": "results arrived in source order: True",
     "sync_stages": "ran in worker threads: True",
+    "multi_host": "all results match a local run: True",
+    "watching": "600 outputs",
 }
 
 # Generous: each example finishes in a few seconds; this only catches hangs.

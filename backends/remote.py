@@ -1,0 +1,197 @@
+"""The ``zmq`` backend: ``multi_proc`` stages served by ``pypline-agent`` daemons.
+
+How an item flows::
+
+    StageRunner ─submit([a, ...])─► RemoteExecutor: each attempt goes to the agent with the
+         ▲                          most free credit (window - in flight there), else to the
+         │                          local fallback executor when one is running
+         │                                 │ LinkStage.to_send; one flush per loop tick per agent
+         │                                 ▼
+         │                          AgentLink ── TASKS (batched, zero-copy big frames) ──► agent
+         │                                    ◄── RESULTS (batched; window piggy-backed) ──
+         │                                 │ reader task: first result per task id wins
+         └── sink.ok / error / lost ◄──────┘ (generator stages: an ordered queue + a task that
+                                              awaits sink.emit, then acks the agent's emits)
+
+**Credits.** ``capacity()`` is the sum over agents of their free credit for the stage,
+plus the local fallback's capacity when it runs. The engine already bounds a stage to
+``buffer + num_workers`` items; the agents' windows bound how many of those are at
+an agent, so nothing is sent beyond what an agent granted (SPEC §2.6, §2.8).
+
+**Faults.** An agent that dies, is cut off (silent for ``heartbeat_timeout``), says BYE or
+restarts: every attempt in flight there is reported ``sink.lost(attempt, "host:port")``;
+the engine re-dispatches it (front of the queue) without using ``retries`` and fails it
+with ``WorkerLost`` after ``max_lost`` losses. A late result for such an attempt has no
+entry any more and is dropped. Worker crashes and timeouts inside an agent come back as
+``WorkerDied`` / ``TimeoutError`` errors from the agent's process backend.
+
+**Fallback.** When no agent completes the handshake within ``connect_timeout`` (or every
+agent died mid-run), ``fallback="local"`` runs the stage on the local ``process``
+backend (``asyncio`` if that is unavailable) with a logged warning, and
+``fallback="error"`` fails the stage's start (``StageStartError``: ``run()`` returns
+``Err``) or, mid-run, fails the waiting items with ``WorkerLost``. Agents keep being
+asked in the background and are used again as soon as they answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from pypline.executor import Backend, Executor, StageSpec, StageStartError
+from pypline.lowlevel import current_settings, effective_agents, effective_keys
+
+from ._remote_executor import RemoteExecutor
+from ._remote_link import ALIVE, AgentLink
+
+__all__ = ["RemoteExecutor", "ZmqBackend"]
+
+log = logging.getLogger("pypline.backends.remote")
+
+#: After the first agent answers, how long open() waits for the others before the run
+#: starts (they join whenever they answer). Short: a dead agent must not delay every run.
+JOIN_GRACE_S = 0.2
+
+#: One ZeroMQ context per process (its I/O thread is shared); sockets belong to one run.
+_context: zmq.asyncio.Context | None = None
+
+
+def _ctx() -> zmq.asyncio.Context:
+    global _context
+    if _context is None or _context.closed:
+        _context = zmq.asyncio.Context()
+    return _context
+
+
+def _local_backend() -> Backend:
+    try:
+        from pypline.backends.process import ProcessBackend  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        from pypline.backends.local import AsyncioBackend
+
+        return AsyncioBackend()
+    return ProcessBackend()  # type: ignore[no-any-return,unused-ignore]
+
+
+class ZmqBackend(Backend):
+    """Backend ``zmq``: one DEALER per configured agent, shared by the run's stages."""
+
+    name = "zmq"
+
+    def __init__(self, agents: Sequence[str] | None = None) -> None:
+        self._agents = tuple(agents) if agents is not None else None
+        self.links: list[AgentLink] = []
+        self.executors: dict[int, RemoteExecutor] = {}
+        self._sids = itertools.count(1)
+        self._tids = itertools.count(1)
+        self.hello_overrides: dict[str, Any] = {}  # tests: simulate another client version
+        self.no_agent_reason: str | None = None
+        self._opened = False
+        self._local: Backend | None = None  # the fallback backend, opened on first use
+
+    async def open(self) -> None:
+        settings = current_settings()
+        agents = self._agents if self._agents is not None else effective_agents(settings)
+        self.fallback = settings.fallback
+        self.connect_timeout = settings.connect_timeout
+        self.heartbeat_timeout = settings.heartbeat_timeout
+        keys_dir = effective_keys(settings)
+        keys = None
+        if keys_dir is not None and agents:
+            from pypline.worker_agent.security import KeyError_, load_client_keys
+
+            try:
+                keys = load_client_keys(keys_dir)
+            except KeyError_ as exc:
+                raise StageStartError("<zmq backend>", f"client keys: {exc}") from None
+        self._opened = True
+        ctx = _ctx()
+        self.links = [AgentLink(self, ep, keys) for ep in agents]
+        for link in self.links:
+            link.start(ctx)
+        if not self.links:
+            self.no_agent_reason = "no agents are configured"
+            return
+        await self._wait_handshakes()
+        if not any(link.state == ALIVE for link in self.links):
+            reasons = "; ".join(link.error or f"agent {link.endpoint}: no answer" for link in self.links)
+            self.no_agent_reason = (
+                f"no pypline agent completed the handshake within {self.connect_timeout:g} s ({reasons})"
+            )
+            if self.fallback == "local":
+                log.warning(
+                    "%s; multi_proc stages run on the local machine instead (fallback='local')", self.no_agent_reason
+                )
+
+    async def _wait_handshakes(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        waiters = {asyncio.ensure_future(link.resolved.wait()) for link in self.links}
+        try:
+            while waiters:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                if any(link.state == ALIVE for link in self.links):
+                    left = min(left, JOIN_GRACE_S)
+                done, waiters = await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    def executor(self, spec: StageSpec) -> Executor:
+        return RemoteExecutor(self, spec)
+
+    def next_tid(self) -> int:
+        return next(self._tids)
+
+    def link_changed(self, link: AgentLink) -> None:
+        """A link became alive, died or failed: tell every stage."""
+        if link.state == ALIVE and not link.stages and not link.draining:
+            for ex in list(self.executors.values()):
+                link.declare(ex)
+        for ex in list(self.executors.values()):
+            ex.on_links_changed()
+
+    def alive(self) -> list[AgentLink]:
+        """Agents that take new work (alive, not draining)."""
+        return [link for link in self.links if link.state == ALIVE and not link.draining]
+
+    async def local_backend(self) -> Backend:
+        """The local fallback backend (process, else asyncio), opened once per run."""
+        if self._local is None:
+            backend = _local_backend()
+            await backend.open()
+            self._local = backend
+        return self._local
+
+    async def aclose(self) -> None:
+        local, self._local = self._local, None
+        if local is not None:  # the engine closed every executor before this
+            await local.aclose()
+        links, self.links = self.links, []
+        if links:
+            self._closed_links = links
+        await asyncio.gather(*(link.aclose() for link in links), return_exceptions=True)
+
+    def statistics(self) -> dict[str, dict[str, Any]]:
+        """Per agent endpoint: state, instance, late results dropped, deaths, last error (also after the run)."""
+        return {
+            link.endpoint: {
+                "state": link.state,
+                "instance": link.instance,
+                "late_results": link.late,
+                "deaths": link.deaths,
+                "error": link.error,
+            }
+            for link in (self.links or getattr(self, "_closed_links", []))
+        }

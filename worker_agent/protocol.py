@@ -1,0 +1,405 @@
+"""The wire protocol between the ``zmq`` backend (client) and ``pypline-agent``.
+
+Both sides import this module; it imports neither. ``PROTOCOL.md`` next to it is
+the description for people; this is the one implementation of it. ::
+
+    client DEALER ──[header, payload...]──► agent ROUTER (adds/removes the routing id)
+                  ◄──[header, payload...]──
+
+    frame 0   header: a JSON object, UTF-8, at most MAX_HEADER bytes. NEVER pickle.
+              {"t": <type>, "nf": <number of frames after this one>, ...fields}
+    frame 1.. payload, type-dependent. For TASKS and RESULTS:
+              index   one packed, column-wise table of the batch (see Index)
+              inline  a plain-pickle list of the small builtin values of the batch
+              extras  per item, in order: a cloudpickle frame + its out-of-band
+                      buffers (BLOB), or the item's own bytes (RAW, zero-copy)
+
+**Validation before use.** ``parse_header`` checks the header completely (size,
+JSON, type, every field's type and range, ``nf == len(frames) - 1``) and raises
+``ProtocolError`` otherwise; ``Index.parse`` checks the index table and that the
+extras it announces are exactly the frames present. Only then does anyone look at a
+payload frame, and payloads are unpickled only on a session that passed HELLO on
+a connection that passed CURVE/ZAP when the agent has keys (``PROTOCOL.md``).
+
+**Values.** One value that cannot be pickled (or unpickled on the other side)
+fails only its own item: small values of a few builtin types go into the shared
+``inline`` list (pickled with the C pickler, loads anywhere), every other value is
+cloudpickled on its own, and big ``bytes``/``bytearray`` travel as raw frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .codec import (  # the payload format, re-exported: the wire is one namespace
+    BIG_FRAME,
+    ENC_BLOB,
+    ENC_ERROR,
+    ENC_INLINE,
+    ENC_NONE,
+    ENC_RAW_BYTEARRAY,
+    ENC_RAW_BYTES,
+    ENCODINGS,
+    INLINE_TYPES,
+    S_DIED,
+    S_EMIT,
+    S_ERROR,
+    S_LOST,
+    S_OK,
+    S_TIMEOUT,
+    STATUSES,
+    Encoder,
+    Index,
+    ProtocolError,
+    Undecodable,
+    decode_values,
+    error_info,
+)
+
+__all__ = [
+    "BATCH_BYTES",
+    "BIG_FRAME",
+    "CLIENT_MAX_MSG",
+    "DEFAULT_MAX_MSG",
+    "ENCODINGS",
+    "ENC_BLOB",
+    "ENC_ERROR",
+    "ENC_INLINE",
+    "ENC_NONE",
+    "ENC_RAW_BYTEARRAY",
+    "ENC_RAW_BYTES",
+    "INLINE_TYPES",
+    "KINDS",
+    "MAX_BATCH_ITEMS",
+    "MAX_HEADER",
+    "MSG_SLACK",
+    "PROTOCOL_VERSION",
+    "STATUSES",
+    "S_DIED",
+    "S_EMIT",
+    "S_ERROR",
+    "S_LOST",
+    "S_OK",
+    "S_TIMEOUT",
+    "TYPES",
+    "Encoder",
+    "Index",
+    "MessageTooLarge",
+    "ProtocolError",
+    "Undecodable",
+    "VersionMismatch",
+    "check_versions",
+    "decode_values",
+    "describe_versions",
+    "error_info",
+    "fn_id",
+    "header",
+    "local_versions",
+    "parse_header",
+]
+
+#: Wire protocol version. Bumped on any incompatible change; HELLO refuses a mismatch.
+PROTOCOL_VERSION = 1
+
+#: Largest header frame. Headers carry counts and ids, never data, so 4 KiB is plenty,
+#: and a small cap means a malicious header costs nothing to refuse.
+MAX_HEADER = 4096
+
+#: Default largest item (or result), encoded: big enough for large arrays, small
+#: enough that one message cannot exhaust an agent's memory. The agent advertises its
+#: limit (``serve --max-message``) in HELLO_OK so the client fails an oversized item
+#: itself, with a clear error: libzmq would just drop the connection.
+DEFAULT_MAX_MSG = 256 * 1024 * 1024
+
+#: Largest result a client accepts (its DEALERs' ZMQ_MAXMSGSIZE, with MSG_SLACK): the
+#: client's guard against a hostile agent; an agent fails a bigger result itself.
+CLIENT_MAX_MSG = 1024 * 1024 * 1024
+
+#: ZMQ_MAXMSGSIZE is the per-item limit plus this: the rest of a batch and the header.
+MSG_SLACK = 4 * 1024 * 1024 + 64 * 1024
+
+#: Most items in one TASKS/RESULTS message. Batching amortises the per-message cost
+#: (~20-40 µs through asyncio on both sides) over many items; the cap keeps one
+#: message's decoding short enough not to stall the event loop noticeably.
+MAX_BATCH_ITEMS = 2048
+
+#: Soft cap on a batch's payload bytes: a batch is cut once it holds this much, so a
+#: few big items do not wait for many small ones and memory per message stays bounded.
+BATCH_BYTES = 4 * 1024 * 1024
+
+#: Most frames one message may have (header included); far above what batching makes.
+MAX_FRAMES = 1 << 16
+
+#: Most workers a stage may declare, and longest names/ids accepted in headers.
+MAX_WORKERS = 4096
+MAX_NAME = 256
+FN_ID_LEN = 32  # hex of a 16-byte SHA-256 prefix
+
+# --- message types -----------------------------------------------------------------------
+
+HELLO = "HELLO"  # client -> agent: versions, heartbeat; first message of a session
+HELLO_OK = "HELLO_OK"  # agent -> client: instance id, versions, workers, limits
+ERROR = "ERROR"  # agent -> client: code + message (+ sid for a stage's error)
+FUNC = "FUNC"  # client -> agent: one cloudpickled function, by content hash
+NEED_FUNC = "NEED_FUNC"  # agent -> client: these function ids are unknown here
+STAGE = "STAGE"  # client -> agent: declare stage sid (name, workers' fn ids and kinds)
+STAGE_OK = "STAGE_OK"  # agent -> client: stage sid runs here; first credit window
+TASKS = "TASKS"  # client -> agent: a batch of attempts for stage sid
+RESULTS = "RESULTS"  # agent -> client: a batch of outcomes (and yielded values)
+CREDIT = "CREDIT"  # agent -> client: new window for sid; client -> agent: emit acks
+PING = "PING"  # client -> agent: liveness (any traffic counts)
+PONG = "PONG"  # agent -> client: instance id, in flight, capacity (+ status detail)
+DRAIN = "DRAIN"  # agent -> client: shutting down, send nothing more
+BYE = "BYE"  # either way: the session is over
+
+# ERROR codes.
+E_VERSION = "VERSION_MISMATCH"
+E_DRAINING = "DRAINING"
+E_NO_SESSION = "NO_SESSION"
+E_STAGE = "STAGE_FAILED"
+E_BAD_MESSAGE = "BAD_MESSAGE"
+
+KINDS = ("async", "sync", "gen", "async_gen")  # pypline's FnKind values
+
+
+class VersionMismatch(Exception):
+    """The two sides cannot talk: protocol, Python or cloudpickle versions differ."""
+
+
+class MessageTooLarge(ValueError):
+    """An item or result is bigger than the largest message the agent accepts."""
+
+
+# --- headers -------------------------------------------------------------------------------
+
+_INT = "int"
+_NUM = "num"
+_STR = "str"
+_BOOL = "bool"
+_LIST = "list"
+_DICT = "dict"
+_OPT_NUM = "num?"
+
+# Per type: field -> (kind, required). "t" and "nf" are checked for every type.
+_SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
+    HELLO: {
+        "proto": (_INT, True),
+        "pypline": (_STR, True),
+        "python": (_LIST, True),
+        "cloudpickle": (_STR, True),
+        "hb": (_NUM, True),
+        "hello": (_INT, True),
+        "platform": (_STR, False),
+    },
+    HELLO_OK: {
+        "proto": (_INT, True),
+        "pypline": (_STR, True),
+        "python": (_LIST, True),
+        "cloudpickle": (_STR, True),
+        "instance": (_STR, True),
+        "workers": (_INT, True),
+        "backend": (_STR, True),
+        "max_msg": (_INT, True),
+        "hello": (_INT, True),
+        "host": (_STR, False),
+    },
+    ERROR: {"code": (_STR, True), "message": (_STR, True), "sid": (_INT, False), "hello": (_INT, False)},
+    FUNC: {"fn": (_STR, True)},
+    NEED_FUNC: {"sid": (_INT, True), "fns": (_LIST, True)},
+    STAGE: {
+        "sid": (_INT, True),
+        "name": (_STR, True),
+        "kinds": (_LIST, True),
+        "fns": (_LIST, True),
+        "fork": (_BOOL, True),
+        "timeout": (_OPT_NUM, True),
+        "retries": (_INT, True),
+        "buffer": (_INT, True),
+    },
+    STAGE_OK: {"sid": (_INT, True), "win": (_INT, True), "workers": (_INT, True)},
+    TASKS: {"sid": (_INT, True), "n": (_INT, True)},
+    RESULTS: {"sid": (_INT, True), "n": (_INT, True), "win": (_INT, True)},
+    CREDIT: {"sid": (_INT, True), "win": (_INT, False), "ack": (_INT, False)},
+    PING: {"seq": (_INT, True), "detail": (_BOOL, False)},
+    PONG: {
+        "seq": (_INT, True),
+        "instance": (_STR, True),
+        "inflight": (_INT, True),
+        "capacity": (_INT, True),
+        "workers": (_INT, True),
+        "draining": (_BOOL, True),
+    },
+    DRAIN: {"deadline": (_NUM, True)},
+    BYE: {"reason": (_STR, False)},
+}
+TYPES = frozenset(_SCHEMA)
+
+# Payload frames each type carries: exact count, or None when the header decides.
+_FIXED_FRAMES: dict[str, int | None] = {t: 0 for t in _SCHEMA}
+_FIXED_FRAMES.update({FUNC: 1, TASKS: None, RESULTS: None, PONG: None})
+
+
+def _check_field(t: str, key: str, kind: str, v: Any) -> None:
+    ok: bool
+    if kind == _INT:
+        ok = type(v) is int and 0 <= v < 1 << 63
+    elif kind == _NUM:
+        ok = type(v) in (int, float) and math.isfinite(v) and v >= 0
+    elif kind == _OPT_NUM:
+        ok = v is None or (type(v) in (int, float) and math.isfinite(v) and v > 0)
+    elif kind == _STR:
+        ok = type(v) is str and len(v) <= MAX_HEADER
+    elif kind == _BOOL:
+        ok = type(v) is bool
+    elif kind == _LIST:
+        ok = type(v) is list
+    else:
+        ok = type(v) is dict
+    if not ok:
+        raise ProtocolError(f"{t}: field {key!r} has a bad value {v!r:.80}")
+
+
+def header(t: str, nf: int = 0, **fields: Any) -> bytes:
+    """Encode a header frame (the sender's counterpart of ``parse_header``)."""
+    fields["t"] = t
+    fields["nf"] = nf
+    data = json.dumps(fields, separators=(",", ":")).encode()
+    if len(data) > MAX_HEADER:  # pragma: no cover - a bug on our side, not the peer's
+        raise ValueError(f"{t} header of {len(data)} bytes exceeds {MAX_HEADER}")
+    return data
+
+
+def parse_header(frames: Sequence[Any]) -> dict[str, Any]:
+    """Validate a message's header completely and return it; ``ProtocolError`` if anything is off.
+
+    ``frames`` are the message's frames (``bytes`` or ``zmq.Frame``), routing id removed.
+    No payload frame is looked at, apart from counting them.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"{len(frames)} frames (at most {MAX_FRAMES})")
+    first = frames[0]
+    raw = first if isinstance(first, bytes) else first.bytes if hasattr(first, "bytes") else bytes(first)
+    if len(raw) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(raw)} bytes (at most {MAX_HEADER})")
+    if not raw.startswith(b"{"):
+        raise ProtocolError("header is not a JSON object")
+    try:
+        h = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"header is not valid JSON: {exc}") from None
+    if type(h) is not dict:
+        raise ProtocolError("header is not a JSON object")
+    t = h.get("t")
+    if type(t) is not str or t not in _SCHEMA:
+        raise ProtocolError(f"unknown message type {t!r:.40}")
+    nf = h.get("nf")
+    if type(nf) is not int or nf != len(frames) - 1:
+        raise ProtocolError(f"{t}: header announces {nf!r:.20} payload frames, message has {len(frames) - 1}")
+    fixed = _FIXED_FRAMES[t]
+    if fixed is not None and nf != fixed:
+        raise ProtocolError(f"{t}: carries {fixed} payload frames, not {nf}")
+    for key, (kind, required) in _SCHEMA[t].items():
+        if key in h:
+            _check_field(t, key, kind, h[key])
+        elif required:
+            raise ProtocolError(f"{t}: missing field {key!r}")
+    _check_specific(t, h)
+    return h
+
+
+def _is_fn_id(v: Any) -> bool:
+    return type(v) is str and len(v) == FN_ID_LEN and all(c in "0123456789abcdef" for c in v)
+
+
+def _check_specific(t: str, h: dict[str, Any]) -> None:
+    if t in (TASKS, RESULTS):
+        n = h["n"]
+        if not 1 <= n <= MAX_BATCH_ITEMS:
+            raise ProtocolError(f"{t}: batch of {n} items (1..{MAX_BATCH_ITEMS})")
+        if h["nf"] < 2:
+            raise ProtocolError(f"{t}: needs an index and an inline frame")
+    elif t == FUNC:
+        if not _is_fn_id(h["fn"]):
+            raise ProtocolError("FUNC: bad function id")
+    elif t == NEED_FUNC:
+        if not all(_is_fn_id(f) for f in h["fns"]) or len(h["fns"]) > MAX_WORKERS:
+            raise ProtocolError("NEED_FUNC: bad function ids")
+    elif t == STAGE:
+        kinds, fns = h["kinds"], h["fns"]
+        if not 1 <= len(fns) <= MAX_WORKERS or len(kinds) != len(fns):
+            raise ProtocolError("STAGE: kinds and fns must be equally long lists of 1 or more")
+        if not all(type(k) is str and k in KINDS for k in kinds) or not all(_is_fn_id(f) for f in fns):
+            raise ProtocolError("STAGE: bad kinds or function ids")
+        if not h["name"] or len(h["name"]) > MAX_NAME:
+            raise ProtocolError("STAGE: bad name")
+        if not 1 <= h["retries"] <= 1 << 31 or not 1 <= h["buffer"] <= 1 << 31:
+            raise ProtocolError("STAGE: bad retries or buffer")
+    elif t == HELLO:
+        py = h["python"]
+        if len(py) != 4 or type(py[0]) is not str or not all(type(x) is int for x in py[1:]):
+            raise ProtocolError("HELLO: python must be [implementation, major, minor, micro]")
+    elif t == PONG and h["nf"] > 1:
+        raise ProtocolError("PONG: at most one (JSON) payload frame")
+
+
+# --- versions ------------------------------------------------------------------------------
+
+
+def local_versions() -> dict[str, Any]:
+    """This side's protocol, pypline, Python and cloudpickle versions, as HELLO carries them."""
+    import cloudpickle  # type: ignore[import-untyped]
+
+    try:
+        from pypline import __version__ as pv
+    except Exception:  # noqa: BLE001  # pragma: no cover - pypline is always importable here
+        pv = "?"
+    impl = sys.implementation.name
+    return {
+        "proto": PROTOCOL_VERSION,
+        "pypline": pv,
+        "python": [impl, sys.version_info[0], sys.version_info[1], sys.version_info[2]],
+        "cloudpickle": cloudpickle.__version__,
+        "platform": platform.platform(terse=True),
+    }
+
+
+def describe_versions(v: dict[str, Any]) -> str:
+    py = v.get("python") or ["?", "?", "?", "?"]
+    impl = {"cpython": "CPython", "pypy": "PyPy"}.get(str(py[0]), str(py[0]))
+    return (
+        f"protocol {v.get('proto')}, pypline {v.get('pypline')}, {impl} {py[1]}.{py[2]}.{py[3]}, "
+        f"cloudpickle {v.get('cloudpickle')}"
+    )
+
+
+def check_versions(client: dict[str, Any], agent: dict[str, Any]) -> str | None:
+    """None if the two sides can work together, else a message naming both sides' versions.
+
+    Protocol, Python implementation and major.minor, and cloudpickle must be equal:
+    cloudpickle only promises to load what the same Python and cloudpickle wrote.
+    """
+    cpy, apy = list(client.get("python") or []), list(agent.get("python") or [])
+    if (
+        client.get("proto") == agent.get("proto")
+        and cpy[:3] == apy[:3]
+        and client.get("cloudpickle") == agent.get("cloudpickle")
+    ):
+        return None
+    return (
+        f"version mismatch: client has {describe_versions(client)}; agent has {describe_versions(agent)} "
+        "(protocol, Python major.minor and cloudpickle versions must be equal on both sides)"
+    )
+
+
+def fn_id(data: bytes) -> str:
+    """A function's id: the hex of the first 16 bytes of SHA-256 of its pickle."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:FN_ID_LEN]

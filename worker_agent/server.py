@@ -1,0 +1,590 @@
+"""The agent: one ROUTER socket serving ``multi_proc`` stages to remote pipelines.
+
+::
+
+    clients (one DEALER each) ──tcp/ipc, CURVE+ZAP when --keys──► ROUTER (bind)
+                                                                    │ reader task: recv, then
+                                                                    │ drain what is queued
+                                                                    ▼
+       parse_header (JSON, checked completely) ── bad ──► logged, counted, dropped
+              │ HELLO: versions checked ─► Session (keyed by routing id) ─► HELLO_OK / ERROR
+              │ anything else from an unknown routing id ─► counted, dropped (+ ERROR NO_SESSION)
+              ▼
+       Session: FUNC (cached by content hash, agent-wide) · STAGE ─► StageHost with a local
+       executor (process backend, or asyncio) · TASKS ─► StageHost · CREDIT (emit acks) ·
+       PING ─► PONG · BYE ─► session closed
+              ▼
+       ticker: expires sessions silent for their ttl (a stalled agent loop blames nobody)
+       SIGTERM: drain (DRAIN to every session, queued tasks back as lost, running ones get
+       --drain-timeout to finish, the rest back as lost, BYE, exit 0). A second signal: exit now.
+
+**What is unpickled, and when.** Headers are JSON. Payloads (functions, items) are
+unpickled in this process only for a session that completed HELLO on a connection
+that completed the CURVE handshake and ZAP authorisation when the agent has keys;
+an unauthenticated peer never gets a frame to this code at all. Unpickling here
+(option (a) in ``PROTOCOL.md``) lets the agent host the engine's own executors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from pypline.executor import Backend
+
+from . import protocol as P
+from .pool import SinkProxy
+from .security import ServerKeys, client_key_provider, is_local_endpoint
+from .session import Session, Task
+from .sockets import recv_now, send_now
+from .stages import StageStarter
+
+__all__ = ["Agent", "AgentConfig", "ConfigError"]
+
+log = logging.getLogger("pypline.agent")
+
+#: How often the ticker checks session liveness. Small next to any sensible ttl.
+TICK_S = 0.25
+
+#: ROUTER send high-water mark, in messages. Credits bound what a client can have
+#: outstanding, so this is never reached in a correct exchange; it exists so a
+#: broken peer cannot make the agent buffer without limit (send errors are counted).
+SNDHWM = 100_000
+
+#: A peer that sends this many malformed messages in a row is no longer logged at
+#: WARNING (only counted), so a fuzzer or a broken client cannot flood the log.
+LOG_FIRST = 10
+
+
+class ConfigError(Exception):
+    """The agent cannot start with this configuration (the operator's set-up is at fault)."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    bind: str = "tcp://127.0.0.1:5555"
+    workers: int = os.cpu_count() or 1
+    keys: ServerKeys | None = None
+    insecure: bool = False
+    drain_timeout: float = 30.0
+    backend: str = "process"
+    max_msg: int = P.DEFAULT_MAX_MSG
+
+
+def _make_backend(name: str) -> tuple[str, Callable[[], Backend]]:
+    if name == "process":
+        try:
+            from pypline.backends.process import ProcessBackend  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:
+            log.warning("the process backend is not available (%s); using the asyncio backend", exc)
+        else:
+            return "process", ProcessBackend  # type: ignore[no-any-return,unused-ignore]
+    from pypline.backends.local import AsyncioBackend
+
+    return "asyncio", AsyncioBackend
+
+
+class Agent:
+    """The daemon's state. ``await Agent(config).serve()`` runs until drained."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        if config.keys is None and not config.insecure and not is_local_endpoint(config.bind):
+            raise ConfigError(
+                f"refusing to bind {config.bind} without CURVE keys: anyone who can reach it could run code here. "
+                "Create keys with `pypline-agent keygen DIR` and pass --keys DIR "
+                "(or --insecure on a trusted network)"
+            )
+        self.config = config
+        self.instance = uuid.uuid4().hex
+        self.backend_name, factory = _make_backend(config.backend)
+        self.backend: Backend = factory()  # one local backend for the agent's life: opened in serve()
+        self.sessions: dict[bytes, Session] = {}
+        self.stages = StageStarter(self)
+        self.draining = False
+        self.counters: dict[str, int] = {
+            "malformed": 0,
+            "unhelloed": 0,
+            "refused": 0,
+            "version_mismatch": 0,
+            "wrong_user": 0,
+            "send_failed": 0,
+            "sessions_expired": 0,
+            "sessions": 0,
+            "tasks": 0,
+        }
+        self._logged: dict[str, int] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
+        self._progress: asyncio.Event | None = None
+        self._stop: asyncio.Future[int] | None = None
+        self._signals = 0
+        self.endpoint = config.bind
+        #: Largest item or result: --max-message, and never more than a client accepts.
+        self.max_item = min(config.max_msg, P.CLIENT_MAX_MSG)
+        self.hostname = socket.gethostname()
+
+    # --- running ---------------------------------------------------------------------------
+
+    async def serve(self, ready: Callable[[Agent], None] | None = None) -> int:
+        """Bind, serve until drained or stopped; returns the process exit status."""
+        loop = asyncio.get_running_loop()
+        self._progress = asyncio.Event()
+        self._stop = loop.create_future()
+        ctx = zmq.asyncio.Context()
+        auth = None
+        sock = ctx.socket(zmq.ROUTER)
+        monitor = None
+        backend_open = False
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            sock.linger = 0
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            sock.setsockopt(zmq.SNDHWM, SNDHWM)
+            sock.setsockopt(zmq.RCVHWM, SNDHWM)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_msg + P.MSG_SLACK)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, 6000)
+            keys = self.config.keys
+            if keys is not None:
+                from zmq.auth.thread import ThreadAuthenticator
+
+                auth = ThreadAuthenticator(ctx, log=logging.getLogger("pypline.agent.zap"))
+                auth.start()
+                auth.configure_curve_callback("pypline", credentials_provider=client_key_provider(keys))
+                sock.curve_secretkey = keys.secret
+                sock.curve_publickey = keys.public
+                sock.curve_server = True
+                sock.zap_domain = b"pypline"
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_DISCONNECTED
+            )
+            try:
+                sock.bind(self.config.bind)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"cannot bind {self.config.bind}: {exc}") from exc
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.sock = sock
+            if self.config.insecure and keys is None and not is_local_endpoint(self.endpoint):
+                log.warning(
+                    "!!! INSECURE: serving %s WITHOUT authentication. Anyone who can reach this address can run "
+                    "arbitrary code as user %s on this host. Use --keys DIR instead. !!!",
+                    self.endpoint,
+                    _username(),
+                )
+            await self.backend.open()
+            backend_open = True
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            tasks.append(loop.create_task(self._reader(sock), name="pypline-agent-reader"))
+            tasks.append(loop.create_task(self._ticker(), name="pypline-agent-ticker"))
+            tasks.append(loop.create_task(self._monitor(monitor), name="pypline-agent-monitor"))
+            log.info(
+                "serving %s: %d workers per stage, %s backend, %s, instance %s",
+                self.endpoint,
+                self.config.workers,
+                self.backend_name,
+                f"CURVE keys ({len(keys.clients)} client keys)" if keys else "no authentication",
+                self.instance,
+            )
+            if ready is not None:
+                ready(self)
+            return await self._stop
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.remove_signal_handler(sig)
+                except Exception:  # noqa: BLE001, S110 - not installed
+                    pass
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close_all_sessions()
+            if backend_open:
+                try:
+                    await self.backend.aclose()
+                except Exception:
+                    log.exception("closing the %s backend failed", self.backend_name)
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(linger=0)
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+
+    def stop(self, status: int = 0) -> None:
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(status)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal (%s): exiting now without draining", signal.Signals(sig).name)
+            self.stop(1)
+            return
+        log.info("%s: draining (at most %g s)", signal.Signals(sig).name, self.config.drain_timeout)
+        t = asyncio.get_running_loop().create_task(self.drain(), name="pypline-agent-drain")
+        self._closing.add(t)
+        t.add_done_callback(self._closing.discard)
+
+    async def drain(self) -> None:
+        """Stop taking work, let running tasks finish, hand back the rest as lost, say BYE, stop."""
+        self.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout
+        returned = 0
+        for s in list(self.sessions.values()):
+            s.send(P.header(P.DRAIN, deadline=self.config.drain_timeout))
+            for h in s.stages.values():
+                returned += h.return_queued()
+        if returned:
+            log.info("drain: handed %d queued task(s) back to their clients", returned)
+        assert self._progress is not None
+        while any(h.running for s in self.sessions.values() for h in s.stages.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), min(left, TICK_S))
+            except asyncio.TimeoutError:
+                pass
+        lost = 0
+        for s in list(self.sessions.values()):
+            for h in s.stages.values():
+                h.flush()
+                lost += h.abandon_running()
+            s.send(P.header(P.BYE, reason="agent drained"))
+        if lost:
+            log.warning(
+                "drain: %d task(s) still running after %g s handed back as lost", lost, self.config.drain_timeout
+            )
+        log.info("drained; exiting")
+        self.stop(0)
+
+    def reported(self) -> None:
+        """A stage host made a report (drain waits on this)."""
+        if self.draining and self._progress is not None:
+            self._progress.set()
+
+    async def _close_all_sessions(self) -> None:
+        self.draining = True  # nothing is parked from now on
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        await asyncio.gather(*(s.aclose() for s in sessions), return_exceptions=True)
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+        await self.stages.aclose_parked()
+
+    def _close_session(self, s: Session, why: str) -> None:
+        if self.sessions.get(s.rid) is s:
+            del self.sessions[s.rid]
+        log.info("session %s (%s) closed: %s", s.name, s.peer, why)
+        t = asyncio.get_running_loop().create_task(s.aclose(), name=f"pypline-agent-close-{s.name}")
+        self._closing.add(t)
+        t.add_done_callback(self._closing.discard)
+
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run ``coro`` as a task the agent waits for at shutdown."""
+        t = asyncio.get_running_loop().create_task(coro, name=name)
+        self._closing.add(t)
+        t.add_done_callback(self._closing.discard)
+
+    def park(self, key: Any, ex: Any, proxy: SinkProxy) -> None:
+        """Keep an idle executor for the next identical stage (``pool.py``)."""
+        self.stages.park(key, ex, proxy)
+
+    # --- socket I/O ------------------------------------------------------------------------
+
+    async def _reader(self, sock: zmq.asyncio.Socket) -> None:
+        """The one reader of the ROUTER: never cancelled mid-message except at shutdown."""
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            self._handle(frames)
+            for _ in range(256):  # take what is already queued without a loop round trip
+                try:
+                    frames = recv_now(sock)
+                except zmq.Again:
+                    break
+                self._handle(frames)
+
+    def send(self, session: Session, frames: list[Any]) -> None:
+        try:
+            send_now(self.sock, frames)
+        except zmq.ZMQError as exc:
+            self.counters["send_failed"] += 1
+            # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading far beyond its credits.
+            self._warn("send_failed", f"cannot send to session {session.name} ({exc}); closing it")
+            if not session.closed:
+                session.closed = True
+                self._close_session(session, f"send failed: {exc}")
+
+    def _reply(self, rid: bytes, *frames: Any) -> None:
+        try:
+            send_now(self.sock, [rid, *frames])
+        except zmq.ZMQError:
+            self.counters["send_failed"] += 1
+
+    def _warn(self, kind: str, message: str) -> None:
+        n = self._logged.get(kind, 0) + 1
+        self._logged[kind] = n
+        if n <= LOG_FIRST or n % 1000 == 0:
+            log.warning(
+                "%s%s", message, f" (#{n}; further ones are counted, logged every 1000th)" if n == LOG_FIRST else ""
+            )
+
+    def _drop(self, kind: str, rid: bytes, why: str) -> None:
+        self.counters[kind] += 1
+        self._warn(kind, f"dropped a message from {rid.hex()[:8]}: {why}")
+
+    def _handle(self, frames: list[Any]) -> None:
+        if len(frames) < 2:
+            self.counters["malformed"] += 1
+            return
+        rid = frames[0].bytes
+        body = frames[1:]
+        try:
+            h = P.parse_header(body)
+        except P.ProtocolError as exc:
+            self._drop("malformed", rid, str(exc))
+            return
+        t = h["t"]
+        try:
+            if t == P.HELLO:
+                self._on_hello(rid, h, body)
+                return
+            s = self.sessions.get(rid)
+            if s is None:
+                self._drop("unhelloed", rid, f"{t} before HELLO")
+                if t in (P.TASKS, P.PING, P.STAGE, P.FUNC):
+                    self._reply(rid, P.header(P.ERROR, code=P.E_NO_SESSION, message="no session: send HELLO first"))
+                return
+            if self.config.keys is not None and _user(body[0]) != s.user:
+                self._drop("wrong_user", rid, "message from another CURVE key than the session's")
+                return
+            s.last_seen = time.monotonic()
+            if t == P.TASKS:
+                self._on_tasks(s, h, body)
+            elif t == P.PING:
+                self._on_ping(s, h)
+            elif t == P.CREDIT:
+                host = s.stages.get(h["sid"])
+                if host is not None and "ack" in h:
+                    host.ack_emits(h["ack"])
+            elif t == P.FUNC:
+                self.stages.on_func(h, body)
+            elif t == P.STAGE:
+                self.stages.on_stage(s, h)
+            elif t == P.BYE:
+                s.closed = True
+                self._close_session(s, "client said BYE")
+            else:
+                self._drop("malformed", rid, f"{t} is not a client message")
+        except P.ProtocolError as exc:
+            self._drop("malformed", rid, str(exc))
+        except Exception:
+            self.counters["malformed"] += 1
+            log.exception("error handling %s from %s", t, rid.hex()[:8])
+
+    # --- messages ----------------------------------------------------------------------------
+
+    def _on_hello(self, rid: bytes, h: dict[str, Any], body: list[Any]) -> None:
+        mine = P.local_versions()
+        problem = P.check_versions(h, mine)
+        if problem is not None:
+            self.counters["version_mismatch"] += 1
+            log.warning("refused HELLO from %s: %s", _peer(body[0]), problem)
+            self._reply(rid, P.header(P.ERROR, code=P.E_VERSION, message=problem, hello=h["hello"]))
+            return
+        if self.draining:
+            self._reply(rid, P.header(P.ERROR, code=P.E_DRAINING, message="agent is draining", hello=h["hello"]))
+            return
+        user = _user(body[0]) if self.config.keys is not None else None
+        old = self.sessions.get(rid)
+        if old is not None and old.user != user:
+            self._drop("wrong_user", rid, "HELLO for a session that belongs to another CURVE key")
+            return
+        old = self.sessions.pop(rid, None)
+        if old is not None:
+            old.closed = True
+            self._close_session(old, "the client said HELLO again (it had given up on this session)")
+        if h["python"][3] != mine["python"][3] or h.get("platform") != mine["platform"]:
+            log.info(
+                "client %s runs %s on %s (agent: %s on %s)",
+                _peer(body[0]),
+                P.describe_versions(h),
+                h.get("platform"),
+                P.describe_versions(mine),
+                mine["platform"],
+            )
+        s = Session(self, rid, h, user, _peer(body[0]))
+        self.sessions[rid] = s
+        self.counters["sessions"] += 1
+        log.info("session %s from %s%s (%s)", s.name, s.peer, f" key {user[:8]}..." if user else "", s.role)
+        self._reply(
+            rid,
+            P.header(
+                P.HELLO_OK,
+                instance=self.instance,
+                workers=self.config.workers,
+                backend=self.backend_name,
+                max_msg=self.max_item,
+                hello=h["hello"],
+                host=self.hostname,
+                **mine,
+            ),
+        )
+
+    # --- tasks and pings -------------------------------------------------------------------
+
+    def _on_tasks(self, s: Session, h: dict[str, Any], body: list[Any]) -> None:
+        host = s.stages.get(h["sid"])
+        if host is None or not host.started:
+            raise P.ProtocolError(f"TASKS for stage {h['sid']} which is not running here")
+        n = h["n"]
+        index = P.Index.parse(body[1].buffer, n, len(body) - 3, results=False)
+        values = P.decode_values(index, body[1:])
+        self.counters["tasks"] += n
+        tasks: list[Task] = []
+        nw = host.spec.num_workers
+        for tid, number, w, v in zip(index.tid, index.a, index.w, values):
+            if type(v) is P.Undecodable:
+                err = TypeError(
+                    f"an item of stage {host.spec.name!r} could not be unpickled on agent {self.hostname}: "
+                    f"{type(v.error).__name__}: {v.error}"
+                )
+                host.fail_now(tid, err)
+                continue
+            tasks.append(Task(v, w if 0 <= w < nw else None, number, tid))
+        if tasks:
+            host.accept(tasks)
+
+    def _on_ping(self, s: Session, h: dict[str, Any]) -> None:
+        frames: list[Any] = []
+        if h.get("detail"):
+            import json
+
+            frames.append(json.dumps(self.status()).encode())
+        s.send(
+            P.header(
+                P.PONG,
+                len(frames),
+                seq=h["seq"],
+                instance=self.instance,
+                inflight=s.inflight(),
+                capacity=self.free_capacity(),
+                workers=self.config.workers,
+                draining=self.draining,
+            ),
+            *frames,
+        )
+
+    # --- liveness --------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            if now - last > 2 * TICK_S + 0.5:
+                # This loop was stalled (SIGSTOP, a swapped-out host, a long call): the
+                # silence was ours, not the clients'. Their messages are queued; start over.
+                log.info("event loop was stalled for %.1f s; session timers restarted", now - last - TICK_S)
+                for s in self.sessions.values():
+                    s.last_seen = now
+            last = now
+            self.stages.expire(now)
+            for s in list(self.sessions.values()):
+                if now - s.last_seen > s.ttl:
+                    self.counters["sessions_expired"] += 1
+                    s.closed = True
+                    self._close_session(s, f"expired: silent for {now - s.last_seen:.1f} s (ttl {s.ttl:.1f} s)")
+
+    async def _monitor(self, monitor: zmq.asyncio.Socket) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        refusals: dict[int, str] = {
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (protocol or security mechanism mismatch)",
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed (unknown CURVE key)",
+        }
+        while True:
+            msg = await monitor.recv_multipart()
+            try:
+                ev = parse_monitor_message(msg)
+            except Exception:  # noqa: BLE001, S112
+                continue
+            event = int(ev["event"])
+            if event in refusals:
+                self.counters["refused"] += 1
+                self._warn("refused", f"refused a connection on {ev['endpoint']!r}: {refusals[event]}")
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                log.debug("connection accepted on %r", ev["endpoint"])
+            elif event == zmq.EVENT_DISCONNECTED:
+                log.debug("connection closed on %r", ev["endpoint"])
+
+    # --- status ----------------------------------------------------------------------------
+
+    def free_capacity(self) -> int:
+        """Workers not busy: configured workers minus the busiest-possible use by running tasks."""
+        if self.draining:
+            return 0
+        busy = sum(min(len(h.running), h.spec.num_workers) for s in self.sessions.values() for h in s.stages.values())
+        return max(0, self.config.workers - busy)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "endpoint": self.endpoint,
+            "host": self.hostname,
+            "pid": os.getpid(),
+            "workers": self.config.workers,
+            "backend": self.backend_name,
+            "secure": self.config.keys is not None,
+            "draining": self.draining,
+            "free": self.free_capacity(),
+            "warm_executors": len(self.stages.pool),
+            "warm_reused": self.stages.pool.reused,
+            "versions": P.local_versions(),
+            "counters": dict(self.counters),
+            "sessions": [s.statistics() for s in self.sessions.values() if s.role != "cli"],
+        }
+
+
+def _user(frame: Any) -> str | None:
+    try:
+        return frame.get("User-Id")  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001 - no ZAP user id on this connection
+        return None
+
+
+def _peer(frame: Any) -> str:
+    try:
+        return str(frame.get("Peer-Address"))
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def _username() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001
+        return str(os.getuid())
