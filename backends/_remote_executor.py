@@ -501,10 +501,23 @@ class RemoteExecutor(Executor):
             await self.local.aclose()
 
     def statistics(self) -> ExecutorStatistics:
+        agents: dict[str, dict[str, Any]] = {}
+        for link in self.backend.links:
+            ls = link.stages.get(self.sid)
+            agents[link.where] = {
+                "state": link.state,
+                "workers": link.workers,
+                "in_flight": len(ls.out) if ls is not None else 0,
+                "credit_window": ls.window if ls is not None else 0,
+                "free_credits": ls.free() if ls is not None else 0,
+                "deaths": link.deaths,
+                "late_results_dropped": link.late,
+            }
         return ExecutorStatistics(
             backend="zmq",
             workers=sum(link.workers for link in self.backend.alive()),
             capacity=self.capacity(),
             submitted=self.submitted,
             completed=self.completed,
+            details={"agents": agents, "local_fallback": self.local is not None},
         )

@@ -65,11 +65,15 @@ def admission_bound(specs: Iterable[StageSpec]) -> int:
     return sum(s.buffer + s.num_workers for s in specs) + len(specs) + 1
 
 
-def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
+def _executor_statistics(r: StageRunner) -> ExecutorStatistics:
     try:
-        es = r.ex.statistics()
+        return r.ex.statistics()
     except Exception:  # an executor that never started (or a broken one) must not hide the run's result
-        es = ExecutorStatistics(backend=type(r.ex).__name__, workers=r.n, capacity=0, submitted=0, completed=0)
+        return ExecutorStatistics(backend=type(r.ex).__name__, workers=r.n, capacity=0, submitted=0, completed=0)
+
+
+def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
+    es = r.closing_stats or _executor_statistics(r)
     lat = sorted(es.latencies)
     workers = r.spec.num_workers
     busy = es.busy_seconds
@@ -100,6 +104,7 @@ def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
         capacity=r.limit,
         times_full=r.times_full,
         throughput=succeeded / elapsed,
+        details=es.details,
     )
 
 
@@ -268,6 +273,9 @@ class Run:
                 await self.pump_task
             except BaseException:  # noqa: S110 - the pump's own end does not matter here
                 pass
+        for runner in self.runners:  # what the executors knew, before closing them forgets it
+            if runner.closing_stats is None:
+                runner.closing_stats = _executor_statistics(runner)
         results = await asyncio.gather(*(ex.aclose() for ex in self.executors), return_exceptions=True)
         self.executors = []
         await asyncio.gather(*(b.aclose() for b in self.backends), return_exceptions=True)

@@ -24,7 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from ._errors import ItemFailure, WorkerLost
-from .executor import Attempt, Executor, OutcomeSink
+from .executor import Attempt, Executor, ExecutorStatistics, OutcomeSink
 from .util import Result
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class StageRunner(_Inbox, OutcomeSink):
         "run", "loop", "spec", "name", "ex", "down", "inbox", "ready", "parked", "held", "pushed",
         "queue_max", "times_full", "failed", "outputs", "retried", "lost_count", "limit", "timers",
         "listeners", "emit_waiters", "lost_info", "waiting_space", "upstream_done", "finished", "stopping",
-        "low_water", "fork", "n", "flat", "plain", "gen_workers", "retries", "retry_on", "timing",
+        "low_water", "fork", "n", "flat", "plain", "gen_workers", "retries", "retry_on", "timing", "closing_stats",
     )
 
     def __init__(self, run: Run, spec: StageSpec, executor: Executor, down: _Inbox) -> None:
@@ -176,6 +176,7 @@ class StageRunner(_Inbox, OutcomeSink):
         self.retries = spec.retries
         self.retry_on = spec.retry_on
         self.timing = run.timing
+        self.closing_stats: ExecutorStatistics | None = None  # taken just before the executor closes
 
     # --- the inbox, as the upstream hop sees it ------------------------------------------
 

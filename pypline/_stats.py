@@ -10,8 +10,8 @@ is computed only when asked for (``on_stats``, ``progress``, ``last_stats``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
 
 __all__ = ["StageStatistics", "RunStatistics", "LATENCY_SAMPLE_EVERY", "percentile", "bottleneck"]
 
@@ -45,7 +45,8 @@ class StageStatistics:
     attempt was timed). ``queue_depth`` is what the stage holds now (queued,
     running, retrying, waiting for room downstream) out of ``capacity`` =
     ``buffer + workers``; ``queue_max`` the most it held; ``times_full`` how often
-    the producer before it found it full.
+    the producer before it found it full. ``details`` is what the backend adds
+    (the ``zmq`` backend: per-agent state, workers, items in flight and credits).
     """
 
     name: str
@@ -72,9 +73,12 @@ class StageStatistics:
     capacity: int
     times_full: int
     throughput: float
+    details: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["details"] = dict(self.details)
+        return d
 
 
 @dataclass(frozen=True)

@@ -466,3 +466,21 @@ def test_generators_yielding_more_than_the_emit_window_complete_in_order(
         return seen
 
     assert arun(slow_consumer()) == 4000
+
+
+@pytest.mark.timeout(60)
+def test_run_statistics_show_per_agent_items_and_credits(arun: Any, shared_agent: Any, use_agents: Any) -> None:
+    """A remote stage's statistics name each agent with its state, workers and credit window."""
+    import json
+
+    use_agents(shared_agent)
+    p = Pipeline(range(50)) >> work_pool(where, multi_proc=True, num_workers=2, name="remote")
+    assert len(unwrap(arun(p.run()))) == 50
+    stats = p.last_stats
+    assert stats is not None
+    [stage] = stats.stages
+    assert stage.backend == "zmq" and stage.received == 50 and stage.succeeded == 50
+    [(where_, agent)] = stage.details["agents"].items()
+    assert where_ in shared_agent.endpoint and agent["state"] == "alive" and agent["workers"] >= 1
+    assert agent["in_flight"] == 0 and agent["credit_window"] >= 1
+    json.dumps(stats.to_dict())
