@@ -8,7 +8,6 @@ directory, the caller's environment), exactly as a user would run it. A new
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -38,17 +37,7 @@ KEY_LINES = {
 SUBPROCESS_TIMEOUT = 50
 
 
-def _has_process_backend() -> bool:
-    try:
-        return importlib.util.find_spec("pypline.backends.process") is not None
-    except ModuleNotFoundError:  # pypline itself is not importable
-        return False
-
-
 def _marks(path: Path) -> list[pytest.MarkDecorator]:
-    if path.stem == "cpu_intensive":
-        return [pytest.mark.skipif(not _has_process_backend(),
-                                   reason="process backend not implemented yet (issue 3)")]
     return []
 
 

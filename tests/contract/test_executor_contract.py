@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import threading
 from typing import Any, Callable, Sequence
 
@@ -36,11 +37,56 @@ def _process_backend() -> Backend:
     return ProcessBackend()  # type: ignore[no-any-return,unused-ignore]
 
 
+# Cluster engines start once per module (seconds each) and are shut down by the
+# module-scoped fixture below; each test still gets its own Backend instance. They
+# skip when their library is missing, except where PYPLINE_REQUIRE_ENGINES is set (CI).
+_SHARED: dict[str, Any] = {}
+
+
+def _dask_backend() -> Backend:
+    if importlib.util.find_spec("distributed") is None and not os.environ.get("PYPLINE_REQUIRE_ENGINES"):
+        pytest.skip("dask[distributed] is not installed (pip install 'pypline[dask]')")
+    from distributed import LocalCluster  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    from pypline.backends.on_dask import DaskBackend
+
+    if "dask" not in _SHARED:
+        _SHARED["dask"] = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    return DaskBackend(address=_SHARED["dask"].scheduler_address)
+
+
+def _ray_backend() -> Backend:
+    if importlib.util.find_spec("ray") is None and not os.environ.get("PYPLINE_REQUIRE_ENGINES"):
+        pytest.skip("ray is not installed (pip install 'pypline[ray]')")
+    import ray  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    from pypline.backends.on_ray import RayBackend
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        _SHARED["ray"] = ray
+    return RayBackend()
+
+
 BACKENDS: dict[str, Callable[[], Backend]] = {
     "asyncio": _asyncio_backend,
     "mock": MockBackend,
     "process": _process_backend,
+    "dask": _dask_backend,
+    "ray": _ray_backend,
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_clusters() -> Any:
+    """Shut down the clusters the factories started, once this module is done."""
+    yield
+    cluster = _SHARED.pop("dask", None)
+    if cluster is not None:
+        cluster.close()
+    ray = _SHARED.pop("ray", None)
+    if ray is not None:
+        ray.shutdown()
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -1,0 +1,333 @@
+"""What travels between the client and a Dask worker or Ray actor, and what runs there.
+
+::
+
+    client                                            worker process (Dask task / Ray actor)
+    ------                                            --------------------------------------
+    pickle_function(spec) ── once per worker ──────►  load_functions(blob): [(kind, fn), ...]
+    dumps(item) per attempt ── in a batch ─────────►  run_batch(): for each attempt, in order:
+                                                        pickle.loads(item); set current_worker();
+                                                        invoke(kind, fn, item) (generators listed;
+                                                        async on this thread's own loop; with a
+                                                        timeout, in a daemon thread it may abandon)
+    decode_error / pickle.loads(value) ◄── outcomes ──  (OK, value) | (GEN, [values]) | (ERR, ...)
+                                                        each pickled alone: one bad value fails
+                                                        one attempt, never the batch
+
+Both sides pickle with ``pickle`` first (fast) and ``cloudpickle`` for what plain
+pickle refuses (lambdas, closures, classes defined in ``__main__``). An exception
+travels pickled when it can, always with its type name, message and formatted
+traceback: the client recreates it with ``__cause__`` set to a ``RemoteTraceback``,
+or, when its type does not exist there, returns a ``RemoteError``. Exceptions that
+are not ``Exception`` (``SystemExit``, ``KeyboardInterrupt``, ``CancelledError``)
+always become ``RemoteError``, so no cancellation ever looks like the engine's own.
+
+Workers import this module by name, so ``pypline`` must be installed there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.machinery
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+from pypline.executor import RemoteError, StageSpec, StageStartError
+from pypline.lowlevel import WorkerInfo, set_worker_info
+
+__all__ = [
+    "ERR",
+    "GEN",
+    "OK",
+    "RemoteTraceback",
+    "decode_error",
+    "dumps",
+    "invoke",
+    "load_functions",
+    "pickle_function",
+    "run_batch",
+]
+
+# --- outcome codes (worker -> client) ---------------------------------------------------------
+
+OK = 0  # (OK, pickled value)
+GEN = 1  # (GEN, pickled list of yielded values)
+ERR = 2  # (ERR, pickled exception or None, type name, message, traceback text)
+
+
+class RemoteTraceback(RemoteError):
+    """The ``__cause__`` of an exception recreated from a remote worker: its traceback text."""
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}\n\nRemote traceback:\n{self.traceback_text}"
+
+
+# --- shipping functions ------------------------------------------------------------------------
+
+
+def _importable(name: str, file: str | None) -> bool:
+    """Would a fresh interpreter with our ``sys.path`` import module ``name`` from ``file``?"""
+    if not name or name == "__main__" or name.endswith(".__main__"):
+        return False
+    parts = name.split(".")
+    path: Any = None
+    spec = None
+    for i in range(len(parts)):
+        full = ".".join(parts[: i + 1])
+        spec = None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if find is None or getattr(finder, "__module__", "").startswith("_pytest"):
+                continue  # pytest's import hooks do not exist in a worker process
+            try:
+                spec = find(full, path)
+            except Exception:  # noqa: BLE001 - a broken finder just does not find it
+                spec = None
+            if spec is not None:
+                break
+        if spec is None:
+            return False
+        path = spec.submodule_search_locations
+    if spec is None:
+        return False
+    if (
+        file is None
+        or spec.origin in (None, "built-in", "frozen")
+        or not isinstance(spec.loader, importlib.machinery.SourceFileLoader)
+    ):
+        return True
+    try:
+        return os.path.samefile(spec.origin, file)
+    except OSError:
+        return False
+
+
+def _modules_of(fn: Any) -> list[str]:
+    target = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    names = [getattr(target, "__module__", None)]
+    if not hasattr(target, "__code__"):
+        names.append(type(target).__module__)
+    return [n for n in names if isinstance(n, str)]
+
+
+def pickle_function(spec: StageSpec) -> bytes:
+    """The stage's worker functions as one blob: ``[(kind, fn), ...]`` by worker index.
+
+    A function from a module a worker could not import by name (``__main__``, a test
+    module pytest imported from a path) is pickled by value: its module is registered
+    with ``cloudpickle.register_pickle_by_value`` (process-wide, and harmless: by
+    reference could not have worked for it). A function used by several workers is
+    pickled once (pickle's memo). Raises ``StageStartError`` if it cannot be pickled.
+    """
+    import cloudpickle  # type: ignore[import-untyped,unused-ignore]
+
+    for wf in spec.workers:
+        for name in _modules_of(wf.fn):
+            module = sys.modules.get(name)
+            if module is None or name == "__main__":
+                continue  # cloudpickle already ships __main__ by value
+            if not _importable(name, getattr(module, "__file__", None)):
+                try:
+                    cloudpickle.register_pickle_by_value(module)
+                except (ValueError, TypeError):  # pragma: no cover - not registrable: try by reference
+                    pass
+    try:
+        return cloudpickle.dumps([(wf.kind.value, wf.fn) for wf in spec.workers], protocol=5)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise StageStartError(
+            spec.name, f"its function cannot be pickled to run on another process: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def load_functions(blob: bytes) -> list[tuple[str, Callable[..., Any]]]:
+    """Worker side of ``pickle_function``."""
+    fns: list[tuple[str, Callable[..., Any]]] = pickle.loads(blob)
+    return fns
+
+
+def dumps(value: Any) -> bytes:
+    """Pickle one value: the C pickler first (fast), cloudpickle for lambdas and the like."""
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:  # noqa: BLE001 - retried with cloudpickle, which raises if it cannot either
+        import cloudpickle  # type: ignore[import-untyped,unused-ignore]
+
+        return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
+
+
+# --- the worker side ---------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _run_coroutine(coro: Any) -> Any:
+    """Run a coroutine on this thread's own event loop (kept for the thread's lifetime)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:  # a loop already runs in this thread (an async actor): run it beside, in a thread
+        box: list[Any] = []
+        t = threading.Thread(target=lambda: box.append(_capture(asyncio.run, coro)), name="pypline-coro")
+        t.start()
+        t.join()
+        return _unwrap(box[0])
+    loop = getattr(_local, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _local.loop = asyncio.new_event_loop()
+    return loop.run_until_complete(coro)
+
+
+def _capture(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+    try:
+        return True, fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+        return False, exc
+
+
+def _unwrap(box: tuple[bool, Any]) -> Any:
+    ok, value = box
+    if ok:
+        return value
+    raise value
+
+
+async def _collect(agen: Any) -> list[Any]:
+    return [v async for v in agen]
+
+
+def invoke(kind: str, fn: Callable[..., Any], item: Any, run: Callable[[Any], Any] = _run_coroutine) -> Any:
+    """Call a worker function the way its kind says; generators are materialised to a list."""
+    if kind == "sync":
+        value = fn(item)
+        if asyncio.iscoroutine(value):  # a def that returned a coroutine: await it here
+            value = run(value)
+        return value
+    if kind == "async":
+        return run(fn(item))
+    if kind == "gen":
+        return list(fn(item))
+    return run(_collect(fn(item)))
+
+
+def _invoke_with_deadline(
+    kind: str, fn: Callable[..., Any], item: Any, info: WorkerInfo, timeout: float, where: str
+) -> Any:
+    """Run one call in a fresh daemon thread and wait at most ``timeout`` for it.
+
+    A call that does not finish in time is abandoned: Python cannot kill a thread,
+    so it runs on until it returns and its result is dropped; the caller's thread
+    is free at once for the next call.
+    """
+    box: list[tuple[bool, Any]] = []
+    done = threading.Event()
+
+    def target() -> None:
+        set_worker_info(info)
+        box.append(_capture(invoke, kind, fn, item, asyncio.run))
+        done.set()
+
+    thread = threading.Thread(target=target, name=f"pypline-{info.stage}-{info.index}-call", daemon=True)
+    thread.start()
+    if not done.wait(timeout):
+        raise TimeoutError(
+            f"attempt {info.attempt} of stage {info.stage!r} timed out after {timeout:g} s "
+            f"(abandoned in a thread of {where}; it runs on until it returns)"
+        )
+    return _unwrap(box[0])
+
+
+def exception_fields(exc: BaseException) -> tuple[str, str, str]:
+    """(type name, message, formatted traceback) of an exception, never raising."""
+    cls = type(exc)
+    mod = getattr(cls, "__module__", "") or ""
+    name = cls.__qualname__ if mod in ("builtins", "") else f"{mod}.{cls.__qualname__}"
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
+        message = f"<{cls.__qualname__} with unprintable message>"
+    try:
+        tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    except Exception:  # noqa: BLE001 - the message alone will do
+        tb = f"{name}: {message}\n"
+    return name, message, tb
+
+
+def encode_error(exc: BaseException) -> tuple[Any, ...]:
+    name, message, tb = exception_fields(exc)
+    blob: bytes | None = None
+    if isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit, CancelledError travel as RemoteError
+        try:
+            blob = dumps(exc)
+        except Exception:  # noqa: BLE001 - the fields alone become a RemoteError
+            blob = None
+    return (ERR, blob, name, message, tb)
+
+
+def run_batch(
+    fns: Sequence[tuple[str, Callable[..., Any]]],
+    stage: str,
+    index: int,
+    numbers: Sequence[int],
+    payloads: Sequence[bytes],
+    timeout: float | None,
+    timing: bool,
+    where: str,
+) -> tuple[list[tuple[Any, ...]], float, list[float] | None]:
+    """Run one batch of attempts of worker ``index``, in order. Never raises.
+
+    Returns the outcomes (one per attempt), the seconds spent on them, and each
+    attempt's duration when ``timing``. With a ``timeout`` each call runs in a
+    fresh daemon thread that is abandoned when it overruns (see
+    ``_invoke_with_deadline``).
+    """
+    kind, fn = fns[index]
+    out: list[tuple[Any, ...]] = []
+    durations: list[float] | None = [] if timing else None
+    clock = time.perf_counter
+    start = clock()
+    info: WorkerInfo | None = None
+    for number, payload in zip(numbers, payloads):
+        t0 = clock()
+        try:
+            item = pickle.loads(payload)
+            if info is None or info.attempt != number:
+                info = WorkerInfo(stage, index, number)
+            if timeout is None:
+                set_worker_info(info)
+                value = invoke(kind, fn, item)
+            else:
+                value = _invoke_with_deadline(kind, fn, item, info, timeout, where)
+            out.append((GEN if kind in ("gen", "async_gen") else OK, dumps(value)))
+        except BaseException as exc:  # noqa: BLE001 - every failure is the item's outcome
+            out.append(encode_error(exc))
+        finally:
+            if durations is not None:
+                durations.append(clock() - t0)
+    set_worker_info(None)
+    return out, clock() - start, durations
+
+
+# --- back on the client --------------------------------------------------------------------------
+
+
+def decode_error(fields: tuple[Any, ...]) -> BaseException:
+    """The exception an ERR outcome stands for (its own type when it unpickles here)."""
+    _, blob, name, message, tb = fields
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:  # noqa: BLE001 - its type does not exist here: RemoteError below
+            exc = None
+        if isinstance(exc, Exception):
+            exc.__cause__ = RemoteTraceback(name, message, tb)
+            return exc
+    return RemoteError(name, message, tb)
