@@ -31,6 +31,8 @@ KEY_LINES = {
     "sync_stages": "ran in worker threads: True",
     "multi_host": "all results match a local run: True",
     "watching": "600 outputs",
+    "on_dask": "dask results match a local run: True",
+    "on_ray": "ray results match a local run: True",
 }
 
 # Generous: each example finishes in a few seconds; this only catches hangs.
