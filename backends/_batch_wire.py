@@ -28,9 +28,6 @@ Workers import this module by name, so ``pypline`` must be installed there.
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib.machinery
-import os
 import pickle
 import sys
 import threading
@@ -40,6 +37,8 @@ from typing import Any, Callable, Sequence
 
 from pypline.executor import RemoteError, StageSpec, StageStartError
 from pypline.lowlevel import WorkerInfo, set_worker_info
+
+from ._procpool import _importable, _modules_of  # one rule for "ship by value" in every backend
 
 __all__ = [
     "ERR",
@@ -71,51 +70,8 @@ class RemoteTraceback(RemoteError):
 # --- shipping functions ------------------------------------------------------------------------
 
 
-def _importable(name: str, file: str | None) -> bool:
-    """Would a fresh interpreter with our ``sys.path`` import module ``name`` from ``file``?"""
-    if not name or name == "__main__" or name.endswith(".__main__"):
-        return False
-    parts = name.split(".")
-    path: Any = None
-    spec = None
-    for i in range(len(parts)):
-        full = ".".join(parts[: i + 1])
-        spec = None
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            if find is None or getattr(finder, "__module__", "").startswith("_pytest"):
-                continue  # pytest's import hooks do not exist in a worker process
-            try:
-                spec = find(full, path)
-            except Exception:  # noqa: BLE001 - a broken finder just does not find it
-                spec = None
-            if spec is not None:
-                break
-        if spec is None:
-            return False
-        path = spec.submodule_search_locations
-    if spec is None:
-        return False
-    if (
-        file is None
-        or spec.origin in (None, "built-in", "frozen")
-        or not isinstance(spec.loader, importlib.machinery.SourceFileLoader)
-    ):
-        return True
-    try:
-        return os.path.samefile(spec.origin, file)
-    except OSError:
-        return False
 
 
-def _modules_of(fn: Any) -> list[str]:
-    target = fn
-    while isinstance(target, functools.partial):
-        target = target.func
-    names = [getattr(target, "__module__", None)]
-    if not hasattr(target, "__code__"):
-        names.append(type(target).__module__)
-    return [n for n in names if isinstance(n, str)]
 
 
 def pickle_function(spec: StageSpec) -> bytes:
