@@ -265,3 +265,26 @@ def use_agents() -> Iterator[Callable[..., None]]:
 def free_endpoint_fixture() -> Callable[..., str]:
     """``free_endpoint(host=None)``: a ``tcp://127.0.0.x:PORT`` nobody listens on."""
     return free_endpoint
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_orphan_processes() -> Iterator[None]:
+    """No child process started by the tests outlives the test session (workers, agents, clusters)."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+
+    def leftovers() -> list[psutil.Process]:
+        # multiprocessing's resource tracker (started by Dask's LocalCluster) is one helper per
+        # interpreter that exits with it: not an orphan of any run.
+        return [
+            p
+            for p in me.children(recursive=True)
+            if p.pid not in before
+            and p.is_running()
+            and not any("multiprocessing.resource_tracker" in part for part in p.cmdline())
+        ]
+
+    assert wait_until(lambda: not leftovers(), 15.0), f"orphan processes: {[(p.pid, p.cmdline()[:6]) for p in leftovers()]}"
