@@ -32,13 +32,13 @@ import pickle
 import sys
 import threading
 import time
-import traceback
 from typing import Any, Callable, Sequence
 
 from pypline.executor import RemoteError, StageSpec, StageStartError
 from pypline.lowlevel import WorkerInfo, set_worker_info
 
 from ._procpool import _importable, _modules_of  # one rule for "ship by value" in every backend
+from ._procworker import exception_fields  # one way to describe a remote error
 
 __all__ = [
     "ERR",
@@ -201,20 +201,6 @@ def _invoke_with_deadline(
     return _unwrap(box[0])
 
 
-def exception_fields(exc: BaseException) -> tuple[str, str, str]:
-    """(type name, message, formatted traceback) of an exception, never raising."""
-    cls = type(exc)
-    mod = getattr(cls, "__module__", "") or ""
-    name = cls.__qualname__ if mod in ("builtins", "") else f"{mod}.{cls.__qualname__}"
-    try:
-        message = str(exc)
-    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
-        message = f"<{cls.__qualname__} with unprintable message>"
-    try:
-        tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    except Exception:  # noqa: BLE001 - the message alone will do
-        tb = f"{name}: {message}\n"
-    return name, message, tb
 
 
 def encode_error(exc: BaseException) -> tuple[Any, ...]:
