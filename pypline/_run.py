@@ -37,7 +37,7 @@ import logging
 import sys
 import time
 from collections import deque
-from operator import itemgetter
+from itertools import islice
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, TextIO
 
 from ._config import current_settings, effective_agents
@@ -55,6 +55,20 @@ if TYPE_CHECKING:
 __all__ = ["Run", "admission_bound"]
 
 SOURCE_STAGE = "<source>"
+
+#: A run of items pulled from a sync source that took longer than this makes the
+#: next run one item long again (a slow source's items go on one by one).
+PULL_RUN_S = 0.0002
+
+#: Most items the pump pulls from a sync source in one run.
+MAX_PULL_BATCH = 1024
+
+
+class _Exhausted(Exception):
+    """Marks a sync source that ended inside a run of pulls."""
+
+
+_EXHAUSTED = _Exhausted()
 
 log = logging.getLogger("pypline.engine")
 
@@ -124,10 +138,39 @@ class _Collector(_Inbox):
             run._deliver(env)
             return
         src = env.src  # run(): the hot path, inlined
-        run.outputs.append((src.index, env.path, env.item) if run.ordered else env.item)
+        if run.ordered:
+            run.keys.append((src.index, env.path) if run.paths else src.index)
+        run.outputs.append(env.item)
         src.live -= 1
         if not src.live:
             run._release()
+
+    def push_many(self, envs: list[_Env]) -> None:
+        run = self.run
+        if run.streaming:
+            for env in envs:
+                run._deliver(env)
+            return
+        outputs = run.outputs
+        released = 0
+        if run.ordered:
+            keys, paths = run.keys, run.paths
+            for env in envs:
+                src = env.src
+                keys.append((src.index, env.path) if paths else src.index)
+                outputs.append(env.item)
+                src.live -= 1
+                if not src.live:
+                    released += 1
+        else:
+            for env in envs:
+                src = env.src
+                outputs.append(env.item)
+                src.live -= 1
+                if not src.live:
+                    released += 1
+        if released:
+            run._release(released)
 
     def add_space_listener(self, callback: Callable[[], None]) -> None:  # pragma: no cover - never full
         self.run.loop.call_soon(callback)
@@ -142,11 +185,46 @@ class Run:
     # Slots, not a __dict__: past ~30 attributes CPython stops inlining instance
     # attributes and every access on the hot path gets slower.
     __slots__ = (
-        "loop", "stages", "source", "ordered", "fail_fast", "streaming", "choice", "max_lost", "agents",
-        "specs", "bound", "permits", "permit_low", "pump_waiter", "stopping", "finished", "outputs",
-        "failures", "cause", "source_failure", "ready", "consumer", "order", "runners", "executors",
-        "backends", "pump_task", "reporter", "renderer", "on_stats", "started", "ended", "pulled", "taken",
-        "failed_count", "consumer_waited", "timing",
+        "loop",
+        "stages",
+        "source",
+        "ordered",
+        "fail_fast",
+        "streaming",
+        "choice",
+        "max_lost",
+        "agents",
+        "specs",
+        "bound",
+        "permits",
+        "permit_low",
+        "pump_waiter",
+        "stopping",
+        "finished",
+        "outputs",
+        "failures",
+        "cause",
+        "source_failure",
+        "ready",
+        "consumer",
+        "order",
+        "runners",
+        "executors",
+        "backends",
+        "pump_task",
+        "reporter",
+        "renderer",
+        "on_stats",
+        "started",
+        "ended",
+        "pulled",
+        "taken",
+        "failed_count",
+        "consumer_waited",
+        "timing",
+        "keys",
+        "paths",
+        "pull_batch",
     )
 
     def __init__(
@@ -180,6 +258,12 @@ class Run:
         self.stopping = False
         self.finished: asyncio.Future[None] = self.loop.create_future()
         self.outputs: list[Any] = []
+        # run(ordered=True): each output's sort key, kept apart from the outputs (no tuple
+        # per item): the source index, or (index, path) when a flat-map stage can give one
+        # source item several outputs.
+        self.keys: list[Any] = []
+        self.paths = any(s.fork_merge is None and s.workers[0].kind.is_generator for s in self.specs)
+        self.pull_batch = 1  # items the pump pulls from a sync source at a time (adapts)
         self.failures: list[ItemFailure] = []
         self.cause: BaseException | None = None
         self.source_failure: ItemFailure | None = None
@@ -303,20 +387,37 @@ class Run:
                 return
             while True:
                 if self.permits <= 0:
+                    first.flush()
                     self.pulled = index  # kept current wherever the pump yields, for snapshots
                     if self.streaming and self.ready:
                         self.consumer_waited += 1  # results sit untaken: the consumer is the limit
                     self.pump_waiter = loop.create_future()
                     await self.pump_waiter
                     continue
-                try:
-                    if aiter is not None:
+                if it is not None:  # a sync source: pull a run of items, push them at once
+                    room = first.limit - first.held
+                    if room <= 0:
+                        first.flush()
                         self.pulled = index
-                        value = await aiter.__anext__()
-                    else:
-                        assert it is not None
-                        value = next(it)
-                except (StopIteration, StopAsyncIteration):
+                        await _wait_for_space(loop, first)
+                        continue
+                    envs, failure = self._pull_run(it, index, min(self.permits, room))
+                    if envs:
+                        index += len(envs)
+                        self.permits -= len(envs)
+                        if self.streaming and self.ordered:
+                            self.order.extend(envs)
+                        first.push_many(envs)
+                    if failure is not None:
+                        if failure is not _EXHAUSTED:
+                            self._source_failed(index, failure)
+                        break
+                    continue
+                try:
+                    self.pulled = index
+                    assert aiter is not None
+                    value = await aiter.__anext__()
+                except StopAsyncIteration:
                     break
                 except Exception as exc:
                     self._source_failed(index, exc)
@@ -342,14 +443,39 @@ class Run:
             if not self.stopping:
                 first.close_input()
 
+    def _pull_run(self, it: Iterator[Any], index: int, k: int) -> tuple[list[_Env], Exception | None]:
+        """Up to ``k`` items from a sync source, as envelopes; and why it stopped early, if it did.
+
+        How many items go per run adapts: it doubles while pulling is quick (a run
+        then costs one push and one submit), and drops back to 1 for a slow source,
+        so its first items reach the workers without waiting for the rest of a run.
+        """
+        k = min(k, self.pull_batch)
+        envs: list[_Env] = []
+        append = envs.append
+        t0 = time.perf_counter()
+        try:
+            for value in islice(it, k):
+                append(_Env(None, (), value, index))
+                index += 1
+        except Exception as exc:
+            return envs, exc
+        if len(envs) < k:
+            return envs, _EXHAUSTED
+        if time.perf_counter() - t0 < PULL_RUN_S:
+            self.pull_batch = min(self.pull_batch * 2, MAX_PULL_BATCH)
+        else:
+            self.pull_batch = 1
+        return envs, None
+
     def _source_failed(self, index: int, exc: Exception) -> None:
         self.cause = exc
         self.source_failure = ItemFailure(index, SOURCE_STAGE, None, exc, 1)
         if self.fail_fast:
             self._abort()
 
-    def _release(self) -> None:
-        self.permits += 1
+    def _release(self, n: int = 1) -> None:
+        self.permits += n
         w = self.pump_waiter
         if w is not None and self.permits >= self.permit_low and not w.done():
             w.set_result(None)
@@ -361,9 +487,8 @@ class Run:
         src = env.src
         if not self.streaming:
             if self.ordered:
-                self.outputs.append((src.index, env.path, env.item))
-            else:
-                self.outputs.append(env.item)
+                self.keys.append((src.index, env.path) if self.paths else src.index)
+            self.outputs.append(env.item)
         else:
             self._stream_result(src, env.path, Ok(env.item))
         self._drop(src)
@@ -530,8 +655,9 @@ class Run:
     def result(self) -> Result[list[Any]]:
         outputs = self.outputs
         if self.ordered:
-            outputs.sort(key=itemgetter(0, 1))
-            outputs = [t[2] for t in outputs]
+            keys = self.keys
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            outputs = [outputs[i] for i in order]
         if self.failures or self.cause is not None:
             failures = sorted(self.failures, key=lambda f: f.index)
             return Err(PipelineError(failures=failures, outputs=outputs, cause=self.cause))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ._errors import ItemFailure, WorkerLost
 from .executor import Attempt, Executor, ExecutorStatistics, OutcomeSink
@@ -100,8 +100,16 @@ class _Inbox:
     def push(self, env: _Env) -> None:
         raise NotImplementedError
 
+    def push_many(self, envs: list[_Env]) -> None:
+        """Push several envelopes (at most ``limit - held``), in order."""
+        for env in envs:
+            self.push(env)
+
     def add_space_listener(self, callback: Callable[[], None]) -> None:
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """The producer's burst is over (see ``Executor.flush``)."""
 
     def close_input(self) -> None:
         raise NotImplementedError
@@ -129,10 +137,42 @@ class StageRunner(_Inbox, OutcomeSink):
     # Slots, not a __dict__: past ~30 attributes CPython stops inlining instance
     # attributes and every access on the hot path gets slower.
     __slots__ = (
-        "run", "loop", "spec", "name", "ex", "down", "inbox", "ready", "parked", "held", "pushed",
-        "queue_max", "times_full", "failed", "outputs", "retried", "lost_count", "limit", "timers",
-        "listeners", "emit_waiters", "lost_info", "waiting_space", "upstream_done", "finished", "stopping",
-        "low_water", "fork", "n", "flat", "plain", "gen_workers", "retries", "retry_on", "timing", "closing_stats",
+        "run",
+        "loop",
+        "spec",
+        "name",
+        "ex",
+        "down",
+        "inbox",
+        "ready",
+        "parked",
+        "held",
+        "pushed",
+        "queue_max",
+        "times_full",
+        "failed",
+        "outputs",
+        "retried",
+        "lost_count",
+        "limit",
+        "timers",
+        "listeners",
+        "emit_waiters",
+        "lost_info",
+        "waiting_space",
+        "upstream_done",
+        "finished",
+        "stopping",
+        "low_water",
+        "fork",
+        "n",
+        "flat",
+        "plain",
+        "gen_workers",
+        "retries",
+        "retry_on",
+        "timing",
+        "closing_stats",
     )
 
     def __init__(self, run: Run, spec: StageSpec, executor: Executor, down: _Inbox) -> None:
@@ -191,6 +231,23 @@ class StageRunner(_Inbox, OutcomeSink):
                 return
         self.inbox.append(env)
         self._dispatch()
+
+    def push_many(self, envs: list[_Env]) -> None:
+        n = len(envs)
+        self.pushed += n
+        self.held += n
+        if self.plain and not (self.inbox or self.parked or self.ready or self.stopping):
+            ex = self.ex
+            if ex.capacity() >= n:  # the hot path: the whole run straight to the executor
+                for env in envs:
+                    env.number, env._job, env._settled, env._owner = 1, env, False, self
+                ex.submit(envs)
+                return
+        self.inbox.extend(envs)
+        self._dispatch()
+
+    def flush(self) -> None:
+        self.ex.flush()
 
     def add_space_listener(self, callback: Callable[[], None]) -> None:
         self.times_full += 1
@@ -270,9 +327,7 @@ class StageRunner(_Inbox, OutcomeSink):
 
     def _check_done(self) -> None:
         if (
-            self.upstream_done
-            and not self.finished
-            and self.held == 0  # nothing queued, running, retrying or parked
+            self.upstream_done and not self.finished and self.held == 0  # nothing queued, running, retrying or parked
         ):
             self.finished = True
             self.down.close_input()
@@ -401,6 +456,41 @@ class StageRunner(_Inbox, OutcomeSink):
             self.run._drop(job.env.src)
             self._left()
         self._finish(job)
+
+    def ok_many(self, attempts: Sequence[Attempt], values: Sequence[Any]) -> None:
+        if not self.plain:
+            for a, v in zip(attempts, values):
+                self.ok(a, v)
+            return
+        done: list[_Env] = []
+        for a, v in zip(attempts, values):
+            if a._settled or a._owner is not self:
+                continue
+            a._settled = True
+            env: _Env = a._job
+            env.item = v
+            done.append(env)
+        if not done:
+            return
+        if self.lost_info:
+            for env in done:
+                self.lost_info.pop(env, None)
+        down = self.down
+        room = 0 if self.parked else down.limit - down.held
+        if room >= len(done):
+            down.push_many(done)
+            self.held -= len(done)
+        else:
+            if room > 0:
+                down.push_many(done[:room])
+                self.held -= room
+            self.parked.extend(done[max(room, 0) :])
+            self._listen_downstream()
+        if self.listeners and self.held <= self.low_water:
+            self._notify_producers()
+        self._dispatch()
+        if self.upstream_done:
+            self._check_done()
 
     def error(self, attempt: Attempt, exc: BaseException) -> None:
         if attempt._settled or attempt._owner is not self:

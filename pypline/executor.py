@@ -8,7 +8,9 @@ one attempt of one stage runs. ::
       await executor.start(spec, sink)      ─────►     start workers, ship the functions
       n = executor.capacity()               ◄─────     attempts it can take right now (credits)
       executor.submit([attempt, ...])       ─────►     never blocks; may batch, queue, send
+      executor.flush()                      ─────►     (hint) no more submits for now: send
       sink.ok(attempt, value)               ◄─────     the attempt returned `value`
+      sink.ok_many(attempts, values)        ◄─────     the same for a batch, in order (cheaper)
       sink.error(attempt, exc)              ◄─────     it raised / timed out / its worker died
       sink.lost(attempt, where)             ◄─────     its worker vanished (not the item's fault)
       await sink.emit(attempt, value)       ◄─────     a generator yielded (awaits downstream room)
@@ -66,6 +68,7 @@ __all__ = [
     "worker_context",
 ]
 
+
 class Attempt:
     """One try of one item in one stage.
 
@@ -104,6 +107,16 @@ class OutcomeSink(abc.ABC):
     @abc.abstractmethod
     def ok(self, attempt: Attempt, value: Any) -> None:
         """The attempt finished with ``value`` (a generator's return value is ignored)."""
+
+    def ok_many(self, attempts: Sequence[Attempt], values: Sequence[Any]) -> None:
+        """``ok(a, v)`` for each pair, in order: one call for a batch of finished attempts.
+
+        The engine's fast path for backends that receive outcomes in batches (free
+        every slot first, then call it once). ``values`` matches ``attempts`` one
+        to one; stale or duplicate attempts in the batch are ignored like in ``ok``.
+        """
+        for a, v in zip(attempts, values):
+            self.ok(a, v)
 
     @abc.abstractmethod
     def error(self, attempt: Attempt, exc: BaseException) -> None:
@@ -164,13 +177,22 @@ class Executor(abc.ABC):
         """``submit([attempt])``; the engine's hot path. Override only to make it cheaper."""
         self.submit((attempt,))
 
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """A hint: the engine's burst of submits is over (the source is out of permits or room).
+
+        A backend that gathers submits into one send per loop tick may send now,
+        one tick sooner. Never required for correctness; never calls the sink.
+        """
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Stop every worker and release every resource. Idempotent; pending attempts are dropped."""
 
     def statistics(self) -> ExecutorStatistics:
         """A snapshot for progress displays; backends override to say more."""
-        return ExecutorStatistics(backend=type(self).__name__, workers=0, capacity=self.capacity(), submitted=0, completed=0)
+        return ExecutorStatistics(
+            backend=type(self).__name__, workers=0, capacity=self.capacity(), submitted=0, completed=0
+        )
 
 
 class Backend(abc.ABC):

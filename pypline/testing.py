@@ -87,6 +87,7 @@ class MockExecutor(Executor):
         self._held: set[asyncio.Task[None]] = set()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.ok_batches = 0  # ok_many calls made
         self.submitted: list[Attempt] = []
         self.reports: list[tuple[str, Attempt]] = []
         self.closed = False
@@ -121,14 +122,39 @@ class MockExecutor(Executor):
             self._queue.clear()
             if self._rng is not None:
                 self._rng.shuffle(batch)
+            oks: list[Attempt] = []  # plain results, reported together with ok_many
+            values: list[Any] = []
             for a in batch:
                 fate = self._fate(a) if self._fate is not None else None
+                if fate is None and self.spec.workers[a.worker or 0].kind is FnKind.SYNC:
+                    try:
+                        value = await self._call(a)
+                    except Exception as exc:
+                        if oks:
+                            self._report_oks(oks, values)
+                            oks, values = [], []
+                        self._done(a, "error")
+                        self.sink.error(a, exc)
+                    else:
+                        self._done(a, "ok")
+                        oks.append(a)
+                        values.append(value)
+                    continue
+                if oks:
+                    self._report_oks(oks, values)
+                    oks, values = [], []
                 if isinstance(fate, Hold):
                     task = asyncio.get_running_loop().create_task(self._held_run(a, fate))
                     self._held.add(task)
                     task.add_done_callback(self._held.discard)
                     continue
                 await self._settle(a, fate)
+            if oks:
+                self._report_oks(oks, values)
+
+    def _report_oks(self, oks: list[Attempt], values: list[Any]) -> None:
+        self.sink.ok_many(oks, values)
+        self.ok_batches += 1
 
     async def _held_run(self, a: Attempt, hold: Hold) -> None:
         await hold.release.wait()

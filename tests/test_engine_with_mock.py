@@ -130,9 +130,9 @@ def test_retry_on_applies_to_reported_errors(arun: Any) -> None:
 def test_items_held_remotely_count_against_the_bound(arun: Any) -> None:
     """Items in flight at a (mock) agent count toward the §2.6 bound: intake stops within it.
 
-    With both credits taken and the buffer full, the pump holds one more item and
-    stops: buffer + workers + 1, inside the bound (which also allows one item per
-    stage waiting for room downstream).
+    With both credits taken and the buffer full, the pump stops: it pulls from a
+    sync source only what the first stage has room for (buffer + workers), inside
+    the bound (which also allows one item per stage waiting for room downstream).
     """
     hold = Hold()
     pulled = 0
@@ -155,7 +155,7 @@ def test_items_held_remotely_count_against_the_bound(arun: Any) -> None:
         task = asyncio.ensure_future(Pipeline(source()).stage(stage).run(executor=MockBackend(fate=fate, capacity=2)))
         for _ in range(50):
             await asyncio.sleep(0)
-        assert pulled == 3 + 2 + 1 <= bound
+        assert pulled == 3 + 2 < bound
         hold.release.set()
         return await task
 

@@ -1,0 +1,154 @@
+"""The engine's batch paths: ``OutcomeSink.ok_many`` and the pump's runs of pulls.
+
+A scripted executor answers every submitted attempt in one ``ok_many`` call per loop
+tick (optionally repeating some attempts, as a backend with late duplicates would);
+the tests check exactly-once, ordered delivery, the §2.6 bound and parking when the
+next stage has less room than the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from pypline import Pipeline, work_pool
+from pypline._run import admission_bound
+from pypline.executor import Attempt, Backend, Executor, OutcomeSink, StageSpec
+from pypline.util import Err, unwrap
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class BatchExecutor(Executor):
+    """Answers all it holds with one ``ok_many`` per tick; ``dup`` repeats the first of each batch."""
+
+    def __init__(self, capacity: int, dup: bool) -> None:
+        self.cap = capacity
+        self.dup = dup
+        self.held: list[Attempt] = []
+        self.scheduled = False
+        self.batches: list[int] = []
+        self.max_held = 0
+
+    async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
+        self.spec, self.sink = spec, sink
+        self.loop = asyncio.get_running_loop()
+
+    def capacity(self) -> int:
+        return self.cap - len(self.held)
+
+    def submit(self, attempts: Sequence[Attempt]) -> None:
+        assert len(attempts) <= self.capacity()
+        self.held.extend(attempts)
+        self.max_held = max(self.max_held, len(self.held))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.answer)
+
+    def answer(self) -> None:
+        self.scheduled = False
+        batch, self.held = self.held, []
+        fn = self.spec.workers[0].fn
+        values = [fn(a.item) for a in batch]
+        if self.dup and batch:  # a late duplicate of an attempt answered in the same batch
+            batch, values = [*batch, batch[0]], [*values, "duplicate"]
+        self.batches.append(len(batch))
+        self.sink.ok_many(batch, values)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class BatchBackend(Backend):
+    name = "batch-test"
+
+    def __init__(self, capacity: int = 64, dup: bool = False) -> None:
+        self.capacity, self.dup = capacity, dup
+        self.executors: list[BatchExecutor] = []
+
+    def executor(self, spec: StageSpec) -> Executor:
+        ex = BatchExecutor(self.capacity, self.dup)
+        self.executors.append(ex)
+        return ex
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def test_ok_many_delivers_each_item_once_and_in_order() -> None:
+    backend = BatchBackend(dup=True)
+    stage = work_pool(inc, num_workers=2, buffer=30, multi_proc=True)
+    out = unwrap((Pipeline(range(500)) >> stage).run_sync(executor=backend))
+    assert out == [x + 1 for x in range(500)]
+    assert "duplicate" not in out
+    assert max(backend.executors[0].batches) > 1  # it really reported in batches
+
+
+def test_a_batch_bigger_than_the_next_stage_waits_parked_within_the_bound() -> None:
+    """Stage 1 answers 40 at once into a stage 2 with room for 5: the rest park, none is lost."""
+    pulled = delivered = 0
+    most_ahead = 0
+
+    def source() -> Any:
+        nonlocal pulled, most_ahead
+        for i in range(2000):
+            pulled += 1
+            most_ahead = max(most_ahead, pulled - delivered)
+            yield i
+
+    backend = BatchBackend(capacity=1000)
+    wide = work_pool(inc, num_workers=2, buffer=38, multi_proc=True)
+    narrow = work_pool(inc, num_workers=1, buffer=4, multi_proc=True)
+    bound = admission_bound([wide.spec, narrow.spec])
+
+    async def main() -> list[int]:
+        nonlocal delivered
+        got = []
+        async with (Pipeline(source()) >> wide >> narrow).stream(executor=backend) as results:
+            async for r in results:
+                got.append(unwrap(r))
+                delivered += 1
+        return got
+
+    assert asyncio.run(main()) == [x + 2 for x in range(2000)]
+    assert most_ahead <= bound
+    first, _ = backend.executors
+    assert first.max_held <= wide.spec.buffer + wide.spec.num_workers
+    assert max(first.batches) > narrow.spec.buffer + narrow.spec.num_workers  # more than stage 2 had room for
+
+
+def test_pump_pulls_runs_but_never_past_the_first_stage_room() -> None:
+    """A fast sync source is pulled in runs; still never more than the stage holds plus what left."""
+    pulled = 0
+    backend = BatchBackend(capacity=1000)
+    stage = work_pool(inc, num_workers=2, buffer=100, multi_proc=True)
+
+    def source() -> Any:
+        nonlocal pulled
+        for i in range(5000):
+            pulled += 1
+            yield i
+
+    out = unwrap((Pipeline(source()) >> stage).run_sync(executor=backend))
+    assert out == [x + 1 for x in range(5000)]
+    ex = backend.executors[0]
+    assert ex.max_held <= stage.spec.buffer + stage.spec.num_workers
+    assert max(ex.batches) > 10  # runs of pulls reached the executor as batches
+
+
+def test_a_source_failing_inside_a_run_keeps_what_came_before() -> None:
+    def source() -> Any:
+        yield from range(300)
+        raise ValueError("source broke at 300")
+
+    backend = BatchBackend(capacity=1000)
+    stage = work_pool(inc, num_workers=2, buffer=500, multi_proc=True)
+    res = (Pipeline(source()) >> stage).run_sync(executor=backend)
+    assert isinstance(res, Err)
+    err = res.error
+    assert list(err.outputs) == [x + 1 for x in range(300)]
+    assert isinstance(err.cause, ValueError)
