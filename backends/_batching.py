@@ -25,7 +25,9 @@ batch costs one round trip, amortised by batches of ~50 ms of work.
 
 **Batches.** A slot's batch limit follows the measured time per item: a call carries
 about ``target_call_s`` of work (set per engine from its per-call overhead), at most
-``MAX_BATCH`` attempts. The engine's §2.6 bound caps what a stage holds anyway
+``MAX_BATCH`` attempts, and, where the engine sets ``max_call_bytes``, about that many
+bytes of pickled items (by their average size so far; Ray, whose big arguments go
+through its shared-memory object store). The engine's §2.6 bound caps what a stage holds anyway
 (``buffer + num_workers`` items), so with the default ``buffer=16`` a call carries at
 most a handful of items; a larger ``buffer`` lets microsecond calls travel hundreds at
 a time.
@@ -94,6 +96,7 @@ FIRST_BATCH = 2
 
 #: Weight of the newest measurement in a slot's average time per item.
 SERVICE_EWMA = 0.3
+
 
 class Call:
     """One remote call: a batch of attempts for one slot."""
@@ -174,6 +177,10 @@ class BatchingExecutor(Executor):
     blame_scope: ClassVar[str] = "slot"
     #: Calls a slot may have outstanding (see CALLS_PER_SLOT).
     calls_per_slot: ClassVar[int] = CALLS_PER_SLOT
+    #: Most bytes of pickled items one call should carry (None: no limit). Items
+    #: measured so far (an average) decide how many a batch takes; a single item
+    #: bigger than this still travels, alone.
+    max_call_bytes: ClassVar[int | None] = None
 
     def __init__(self, spec: StageSpec) -> None:
         self._spec = spec
@@ -197,6 +204,7 @@ class BatchingExecutor(Executor):
         self._latencies: deque[float] = deque(maxlen=2048)
         self._countdown = LATENCY_SAMPLE_EVERY
         self._timing = True
+        self._item_bytes = 0.0  # average pickled size of an item, 0 until measured
 
     # --- hooks for the engine subclass ------------------------------------------------------------
 
@@ -224,6 +232,10 @@ class BatchingExecutor(Executor):
 
     async def _stop_slots(self) -> None:
         """Release every remote resource; called once from ``aclose``."""
+
+    def _release(self, call: Call) -> None:
+        """``call``'s result has been received: drop the engine's handle (its result may go)."""
+        call.handle = None
 
     # --- the contract ---------------------------------------------------------------------------
 
@@ -323,7 +335,9 @@ class BatchingExecutor(Executor):
                 return
         if any(s.calls for s in self._slots):
             return
-        queued = any(id(a) in suspects for a in self._queue) or any(id(a) in suspects for s in self._slots for a in s.own)
+        queued = any(id(a) in suspects for a in self._queue) or any(
+            id(a) in suspects for s in self._slots for a in s.own
+        )
         if not queued:
             suspects.clear()  # every suspect was reported: back to normal
             self._schedule()
@@ -331,6 +345,8 @@ class BatchingExecutor(Executor):
     def _take(self, s: _Slot, share: int) -> list[Attempt]:
         """Up to the slot's limit: its own attempts, then ``share`` from the shared queue."""
         own, limit = s.own, s.limit
+        if self.max_call_bytes is not None and self._item_bytes > 0:
+            limit = max(1, min(limit, int(self.max_call_bytes // self._item_bytes)))
         batch = [own.popleft() for _ in range(min(limit, len(own)))]
         queue = self._queue
         for _ in range(min(limit - len(batch), share, len(queue))):
@@ -365,6 +381,10 @@ class BatchingExecutor(Executor):
             good.append(a)
         if not good:
             return
+        if self.max_call_bytes is not None:
+            per_item = sum(map(len, payloads)) / len(payloads)
+            ib = self._item_bytes
+            self._item_bytes = per_item if ib == 0.0 else (1 - SERVICE_EWMA) * ib + SERVICE_EWMA * per_item
         self._seq += 1
         call = Call(s.index, good, self._seq, 0)
         call.solo = solo
@@ -426,8 +446,10 @@ class BatchingExecutor(Executor):
             self._arm(s.calls[0])
         self._schedule()
 
-    async def _call_returned(self, call: Call, outcomes: list[Any], spent: float, durations: list[float] | None) -> None:
-        call.handle = None  # let the engine free the result now
+    async def _call_returned(
+        self, call: Call, outcomes: list[Any], spent: float, durations: list[float] | None
+    ) -> None:
+        self._release(call)
         self._retire(call)
         s = self._slots[call.slot]
         k = len(call.attempts)

@@ -24,6 +24,14 @@ client if you made one, else the ``scheduler-address`` of the Dask configuration
 run (``threads_per_worker=1`` unless given) and closes it afterwards. Your own client
 and cluster are never closed. Workers need ``pypline`` installed (same version).
 
+**Latency.** With the default ``buffer`` a stage holds few items (§2.6), so its
+throughput is what it holds divided by one call's round trip. Two Dask defaults
+would add to every round trip: the client writes to the scheduler at most every
+10 ms, so a task submitted right after another message waits; and releasing a
+result is such a message. So a client pypline makes writes every
+``CLIENT_SEND_INTERVAL_S`` (a client you give keeps its setting), and results are
+released together with the next submit (at the latest when the stage closes).
+
 **Concurrency.** Stage worker ``i`` is a slot with one call outstanding at a time,
 so a stage runs at most ``num_workers`` calls at once; the cluster decides where.
 (Keeping a second call queued would hide the round trip, but Dask may then run both
@@ -102,6 +110,13 @@ INLINE_BYTES = 64 * 1024
 #: Seconds ``aclose`` waits for the scheduler to forget a stage's functions.
 UNREGISTER_TIMEOUT_S = 5.0
 
+#: Seconds between two writes of a client's message stream to the scheduler, on the
+#: clients pypline makes. Dask's default (10 ms) makes a task submitted right after
+#: any other message (such as releasing the previous result) wait that long; a
+#: pipeline submits one small task per slot per round trip, so the wait would be a
+#: large part of each call's latency. Clients you give pypline keep their setting.
+CLIENT_SEND_INTERVAL_S = 0.001
+
 # --- the worker side --------------------------------------------------------------------------
 
 #: On each Dask worker: plugin key -> the stage's functions, by worker index.
@@ -155,6 +170,7 @@ class DaskExecutor(BatchingExecutor):
         self._backend = backend
         self._key = ""
         self._registered = False
+        self._spent: list[Any] = []  # futures whose results arrived, released with the next submit
 
     async def _start_slots(self, blob: bytes) -> None:
         self._client = self._backend._client_for_run()
@@ -178,10 +194,30 @@ class DaskExecutor(BatchingExecutor):
         spec = self._spec
         numbers = [a.number for a in call.attempts]
         fut = self._client.submit(
-            _dask_call, self._key, spec.name, call.slot, numbers, payloads, spec.timeout, self._timing, key=call.key, pure=False
+            _dask_call,
+            self._key,
+            spec.name,
+            call.slot,
+            numbers,
+            payloads,
+            spec.timeout,
+            self._timing,
+            key=call.key,
+            pure=False,
         )
         call.handle = fut
+        if self._spent:
+            self._spent.clear()  # their release travels to the scheduler in the same write
         return fut
+
+    def _release(self, call: Call) -> None:
+        # Releasing a future is a message to the scheduler (and from it to the worker).
+        # Sent alone right before the next submit, it makes that submit wait for the
+        # client's and the scheduler's next write (see CLIENT_SEND_INTERVAL_S); kept
+        # until then, both travel together. At most one result per slot waits so.
+        if call.handle is not None:
+            self._spent.append(call.handle)
+        call.handle = None
 
     async def _send_scattered(self, call: Call, payloads: list[bytes]) -> Any:
         [data] = await self._client.scatter([payloads], hash=False)
@@ -235,6 +271,7 @@ class DaskExecutor(BatchingExecutor):
             log.debug("stage %r: cancelling %d Dask future(s) failed: %r", self._spec.name, len(futures), exc)
 
     async def _stop_slots(self) -> None:
+        self._spent.clear()
         futures = [c.handle for s in self._slots for c in s.calls if c.handle is not None and not c.returned]
         for s in self._slots:
             s.calls.clear()
@@ -249,6 +286,14 @@ class DaskExecutor(BatchingExecutor):
 
     def _details(self) -> dict[str, Any]:
         return {"scheduler": self._scheduler_address()}
+
+
+def _quicken(client: Any) -> Any:
+    """Shorten the write interval of a client pypline made (see CLIENT_SEND_INTERVAL_S)."""
+    stream = getattr(client, "scheduler_comm", None)
+    if stream is not None and isinstance(getattr(stream, "interval", None), (int, float)):
+        stream.interval = min(stream.interval, CLIENT_SEND_INTERVAL_S)
+    return client
 
 
 @dataclass
@@ -330,14 +375,14 @@ class DaskBackend(Backend):
         except BaseException:
             await cluster.close()
             raise
-        return _Connection(new, owned_client=True, cluster=cluster)
+        return _Connection(_quicken(new), owned_client=True, cluster=cluster)
 
     @staticmethod
     async def _client_to(address: str, security: Any = None) -> Any:
         kwargs: dict[str, Any] = {"asynchronous": True, "set_as_default": False}
         if security is not None:
             kwargs["security"] = security
-        return await Client(address, **kwargs)  # type: ignore[no-untyped-call,unused-ignore]
+        return _quicken(await Client(address, **kwargs))  # type: ignore[no-untyped-call,unused-ignore]
 
     def _client_for_run(self) -> Any:
         conn = self._conns.get(asyncio.get_running_loop())

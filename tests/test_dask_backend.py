@@ -25,7 +25,9 @@ import pytest
 if os.environ.get("PYPLINE_REQUIRE_ENGINES"):
     import distributed as distributed
 else:
-    distributed = pytest.importorskip("distributed", reason="dask[distributed] is not installed (pip install 'pypline[dask]')")
+    distributed = pytest.importorskip(
+        "distributed", reason="dask[distributed] is not installed (pip install 'pypline[dask]')"
+    )
 
 import dask  # noqa: E402  # type: ignore[import-not-found,import-untyped,unused-ignore]
 import psutil  # noqa: E402
@@ -191,8 +193,10 @@ def test_results_in_source_order_with_worker_info(backend: DaskBackend) -> None:
 @pytest.mark.timeout(60)
 def test_async_functions_and_flat_map(backend: DaskBackend) -> None:
     """async def workers run in the worker; a generator's outputs keep their order within each item."""
-    pipeline = Pipeline(range(30)) >> work_pool(async_square, multi_proc=True, num_workers=2) >> work_pool(
-        spread, multi_proc=True, num_workers=2
+    pipeline = (
+        Pipeline(range(30))
+        >> work_pool(async_square, multi_proc=True, num_workers=2)
+        >> work_pool(spread, multi_proc=True, num_workers=2)
     )
     out = unwrap(arun(pipeline.run(executor=backend)))
     assert out == [x * x * 10 + i for x in range(30) for i in range((x * x) % 3)]
@@ -201,7 +205,9 @@ def test_async_functions_and_flat_map(backend: DaskBackend) -> None:
 @pytest.mark.timeout(60)
 def test_exceptions_keep_their_type_and_remote_traceback(backend: DaskBackend) -> None:
     """A user exception comes back as itself, the remote traceback kept; other items succeed."""
-    result = arun((Pipeline(range(6)) >> work_pool(custom_failure, multi_proc=True, num_workers=2)).run(executor=backend))
+    result = arun(
+        (Pipeline(range(6)) >> work_pool(custom_failure, multi_proc=True, num_workers=2)).run(executor=backend)
+    )
     err = unwrap_err(result)
     assert err.outputs == [0, 1, 2, 4, 5]
     [failure] = err.failures
@@ -245,7 +251,9 @@ def test_unpicklable_function_and_item(backend: DaskBackend) -> None:
         with lock:
             return x
 
-    err = unwrap_err(arun((Pipeline([1]) >> work_pool(uses_lock, multi_proc=True, name="locked")).run(executor=backend)))
+    err = unwrap_err(
+        arun((Pipeline([1]) >> work_pool(uses_lock, multi_proc=True, name="locked")).run(executor=backend))
+    )
     assert isinstance(err.cause, StageStartError) and "locked" in str(err.cause)
     items: list[Any] = [1, threading.Lock(), 3]
     err = unwrap_err(arun((Pipeline(items) >> work_pool(square, multi_proc=True, retries=2)).run(executor=backend)))
@@ -366,6 +374,59 @@ def test_given_clients_are_used_and_never_closed(cluster: Any) -> None:
             return result
 
     assert unwrap(arun(with_async_client())) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.timeout(60)
+def test_only_clients_pypline_makes_get_the_short_write_interval(cluster: Any) -> None:
+    """pypline's own client writes to the scheduler every CLIENT_SEND_INTERVAL_S; a client you give keeps its own."""
+    from pypline.backends.on_dask import CLIENT_SEND_INTERVAL_S
+
+    async def main() -> tuple[float, float, float]:
+        made = DaskBackend(address=cluster.scheduler_address)
+        await made.open()
+        try:
+            ours = made._client_for_run().scheduler_comm.interval
+        finally:
+            await made.aclose()
+        async with distributed.Client(cluster.scheduler_address, asynchronous=True, set_as_default=False) as client:
+            before = client.scheduler_comm.interval
+            given = DaskBackend(client)
+            await given.open()
+            try:
+                theirs = given._client_for_run().scheduler_comm.interval
+                assert given._client_for_run() is client
+            finally:
+                await given.aclose()
+        return ours, before, theirs
+
+    ours, before, theirs = arun(main())
+    assert ours == CLIENT_SEND_INTERVAL_S
+    assert before > CLIENT_SEND_INTERVAL_S and theirs == before
+
+
+@pytest.mark.timeout(60)
+def test_results_are_released_after_the_run(cluster: Any) -> None:
+    """Results are released (with the next submit, the last ones when the stage closes): none stays on the cluster."""
+
+    def stage_keys(dask_scheduler: Any) -> list[str]:
+        return [str(k) for k in dask_scheduler.tasks if str(k).startswith("pypline-square-")]
+
+    async def main() -> tuple[list[Any], list[str]]:
+        async with distributed.Client(cluster.scheduler_address, asynchronous=True, set_as_default=False) as client:
+            stage = work_pool(square, multi_proc=True, num_workers=2, buffer=4)
+            result = await (Pipeline(range(40)) >> stage).run(executor=DaskBackend(client))
+            assert unwrap(result) == [x * x for x in range(40)]
+            held = [k for k in client.futures if str(k).startswith("pypline-square-")]
+            assert held == []  # nothing referenced by this client any more
+            deadline = time.monotonic() + 10
+            keys = await client.run_on_scheduler(stage_keys)
+            while keys and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # the scheduler forgets released keys asynchronously
+                keys = await client.run_on_scheduler(stage_keys)
+            return unwrap(result), keys
+
+    _, keys = arun(main())
+    assert keys == []
 
 
 @pytest.mark.timeout(60)

@@ -152,6 +152,56 @@ def test_batches_share_the_queue_and_capacity_returns_before_each_report() -> No
     run(main())
 
 
+def test_max_call_bytes_caps_what_one_call_carries() -> None:
+    """Once item sizes are measured (an average), a call takes only as many as fit ``max_call_bytes``.
+
+    An item bigger than the cap still travels (alone, when nothing else is queued).
+    """
+
+    async def main() -> None:
+        ex = FakeExecutor(spec(1), depth=1)
+        ex.max_call_bytes = 35_000  # type: ignore[misc]
+        await started(ex)
+        items = [bytes([i]) * 10_000 for i in range(30)]
+        ex.submit([Attempt(x, None, 1) for x in items])
+        done: list[bytes] = []
+        while len(done) < 31:
+            if len(done) == 30:
+                items.append(b"x" * 50_000)
+                ex.submit([Attempt(items[-1], None, 1)])
+            await settle()
+            [(_, got, fut)] = ex.open_calls()
+            size = sum(len(pickle.dumps(x, protocol=5)) for x in got)
+            assert size <= ex.max_call_bytes or len(got) == 1, (len(got), size)
+            # measured results say "microseconds per item": only the byte cap limits the batch
+            fut.set_result(([(w.OK, pickle.dumps(len(x))) for x in got], 1e-6 * len(got), None))
+            done.extend(got)
+        assert done == items
+        sizes = [len(got) for _, got, _ in ex.calls]
+        assert sizes[0] == b.FIRST_BATCH and max(sizes) == 3 and sizes[-1] == 1
+        await ex.aclose()
+
+    run(main())
+
+
+def test_without_max_call_bytes_batches_are_not_capped_by_size() -> None:
+    async def main() -> None:
+        ex = FakeExecutor(spec(1), depth=1)
+        assert ex.max_call_bytes is None
+        await started(ex)
+        items = [bytes([i]) * 10_000 for i in range(30)]
+        ex.submit([Attempt(x, None, 1) for x in items])
+        await settle()
+        [(_, got, fut)] = ex.open_calls()
+        fut.set_result(([(w.OK, pickle.dumps(len(x))) for x in got], 1e-6 * len(got), None))
+        await settle()
+        [(_, got, _)] = ex.open_calls()
+        assert len(got) == 28  # everything left: the time-based limit allows far more
+        await ex.aclose()
+
+    run(main())
+
+
 def test_targeted_attempts_go_to_their_slot() -> None:
     """worker=i attempts only ever travel in slot i's calls."""
 

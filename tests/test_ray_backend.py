@@ -149,6 +149,10 @@ def part(x: int) -> tuple[int, int]:
     return w.index, x * (w.index + 1)
 
 
+def size_of(x: bytes) -> int:
+    return len(x)
+
+
 def plus_one(x: int) -> int:
     return x + 1
 
@@ -180,8 +184,10 @@ def test_results_in_order_one_actor_per_worker(backend: RayBackend) -> None:
 @pytest.mark.timeout(60)
 def test_async_functions_and_flat_map(backend: RayBackend) -> None:
     """async def workers run in the actor; a generator's outputs keep their order within each item."""
-    pipeline = Pipeline(range(30)) >> work_pool(async_square, multi_proc=True, num_workers=2) >> work_pool(
-        spread, multi_proc=True, num_workers=2
+    pipeline = (
+        Pipeline(range(30))
+        >> work_pool(async_square, multi_proc=True, num_workers=2)
+        >> work_pool(spread, multi_proc=True, num_workers=2)
     )
     out = unwrap(arun(pipeline.run(executor=backend)))
     assert out == [x * x * 10 + i for x in range(30) for i in range((x * x) % 3)]
@@ -190,7 +196,9 @@ def test_async_functions_and_flat_map(backend: RayBackend) -> None:
 @pytest.mark.timeout(60)
 def test_exceptions_keep_their_type_and_remote_traceback(backend: RayBackend) -> None:
     """A user exception comes back as itself, the remote traceback kept; other items succeed."""
-    result = arun((Pipeline(range(6)) >> work_pool(custom_failure, multi_proc=True, num_workers=2)).run(executor=backend))
+    result = arun(
+        (Pipeline(range(6)) >> work_pool(custom_failure, multi_proc=True, num_workers=2)).run(executor=backend)
+    )
     err = unwrap_err(result)
     assert err.outputs == [0, 1, 2, 4, 5]
     [failure] = err.failures
@@ -234,7 +242,9 @@ def test_unpicklable_function_and_item(backend: RayBackend) -> None:
         with lock:
             return x
 
-    err = unwrap_err(arun((Pipeline([1]) >> work_pool(uses_lock, multi_proc=True, name="locked")).run(executor=backend)))
+    err = unwrap_err(
+        arun((Pipeline([1]) >> work_pool(uses_lock, multi_proc=True, name="locked")).run(executor=backend))
+    )
     assert isinstance(err.cause, StageStartError) and "locked" in str(err.cause)
     items: list[Any] = [1, threading.Lock(), 3]
     err = unwrap_err(arun((Pipeline(items) >> work_pool(square, multi_proc=True, retries=2)).run(executor=backend)))
@@ -258,7 +268,9 @@ def test_timeout_kills_and_replaces_the_actor(backend: RayBackend) -> None:
     assert "killed" in str(failure.error)
     assert elapsed < 20, f"the stuck calls held the stage for {elapsed:.1f} s"
     stats = pipeline.last_stats
-    assert stats is not None and stats.stages[0].workers_replaced >= 1  # the last replacement may still be starting at the end
+    assert (
+        stats is not None and stats.stages[0].workers_replaced >= 1
+    )  # the last replacement may still be starting at the end
 
 
 @pytest.mark.timeout(90)
@@ -310,6 +322,20 @@ def test_read_ahead_stays_within_the_bound(backend: RayBackend) -> None:
 
 
 # --- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_call_carries_about_max_call_bytes_of_items(backend: RayBackend) -> None:
+    """Big items travel a few per call (MAX_CALL_BYTES), not as many as the buffer allows."""
+    from pypline.backends.on_ray import MAX_CALL_BYTES
+
+    items = [bytes([i % 256]) * 50_000 for i in range(60)]
+    pipeline = Pipeline(items) >> work_pool(size_of, multi_proc=True, num_workers=2, buffer=64)
+    assert unwrap(arun(pipeline.run(executor=backend))) == [50_000] * 60
+    stats = pipeline.last_stats
+    assert stats is not None
+    per_call = MAX_CALL_BYTES // 50_000
+    assert stats.stages[0].details["calls_sent"] >= len(items) // per_call
 
 
 @pytest.mark.timeout(60)
@@ -378,6 +404,8 @@ def test_fault_mapping() -> None:
     assert ex._verdict(call, rx.WorkerCrashedError())[0] == "died"
     assert ex._verdict(call, rx.ActorUnavailableError("network", None))[0] == "lost"
     node_died = rx.ActorDiedError()
-    node_died.error_msg = "The actor died unexpectedly before finishing this task.\nThe actor died because its node has died."
+    node_died.error_msg = (
+        "The actor died unexpectedly before finishing this task.\nThe actor died because its node has died."
+    )
     assert ex._verdict(call, node_died)[0] == "lost"
     assert ex._verdict(call, ValueError("x"))[0] == "error"

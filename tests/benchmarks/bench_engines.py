@@ -39,10 +39,20 @@ Workloads:
   ``--quick``) through a 2-worker stage returning the item's length, to a consumer
   that sleeps 1 ms every 500 results. Reports the peak RSS of this process plus
   every descendant (the engine's scheduler, workers, daemons; psutil, sampled every
-  10 ms in a thread), the same before the run (the idle engine), and the most items
-  read from the source ahead of the consumer against the §2.6 bound. The engine
-  used directly needs the whole input as a list, so it runs on 20,000 items (4,000
-  with ``--quick``): its memory grows with the input, pypline's does not.
+  10 ms in a thread), the same before the run (the idle engine) and the growth over
+  it, the same three for PSS (sampled every 50 ms), the RSS of the engine as started
+  (before the warm-up), and the most items read from the source ahead of the
+  consumer against the §2.6 bound. The engine used directly needs the whole input
+  as a list, so it runs on 20,000 items (4,000 with ``--quick``): its memory grows
+  with the input, pypline's does not.
+
+  Why both RSS and PSS: the target is stated in RSS (the sum over the processes),
+  but RSS counts a shared page once per process mapping it. Shared libraries are
+  counted in every Python process, and on Ray the object store is a shared-memory
+  file the driver, the raylet and the actors map, so its pages count two or three
+  times. PSS divides each shared page among its mappers: the PSS sum is the memory
+  the processes take together. Neither removes the idle engine (on Ray ~550 MB
+  RSS of daemons here, over the target on its own); "growth" is what the run adds.
 
 The machine may be shared: compare ratios from one run, not absolute times across
 runs. The exit status is 1 if any system produced a wrong output.
@@ -386,16 +396,29 @@ def w5(engine: Any, runs: int, quick: bool) -> list[str]:
 
 
 class _Rss:
-    """Peak RSS of this process plus every descendant, sampled in a thread."""
+    """Peak memory of this process plus every descendant, sampled in a thread.
+
+    RSS (every 10 ms) counts a shared page once per process that maps it: shared
+    libraries, and on Ray the object store's shared-memory file, which the driver, the
+    raylet and each actor map. PSS (every 50 ms; reading it costs more) divides each
+    shared page among the processes mapping it, so its sum over the processes is the
+    memory they really take together.
+    """
+
+    PSS_EVERY = 5  # samples
 
     def __init__(self) -> None:
         import psutil
 
         self.me = psutil.Process()
         self.peak = 0
+        self.pss_peak = 0
         self.own_peak = 0  # this process alone
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _procs(self) -> list[Any]:
+        return [self.me, *self.me.children(recursive=True)]
 
     def sample(self) -> int:
         import psutil
@@ -403,23 +426,40 @@ class _Rss:
         own = self.me.memory_info().rss
         self.own_peak = max(self.own_peak, own)
         total = own
-        for p in self.me.children(recursive=True):
+        for p in self._procs()[1:]:
             try:
                 total += p.memory_info().rss
             except psutil.Error:  # gone meanwhile
                 pass
         return total
 
+    def sample_pss(self) -> int:
+        import psutil
+
+        total = 0
+        for p in self._procs():
+            try:
+                total += p.memory_full_info().pss
+            except psutil.Error:  # gone meanwhile
+                pass
+        return total
+
     def _run(self) -> None:
+        i = 0
         while not self._stop.is_set():
             self.peak = max(self.peak, self.sample())
+            if i % self.PSS_EVERY == 0:
+                self.pss_peak = max(self.pss_peak, self.sample_pss())
+            i += 1
             self._stop.wait(SAMPLE_S)
 
     def __enter__(self) -> _Rss:  # noqa: PYI034 - Self needs 3.11
         self.own_before = self.me.memory_info().rss
         self.before = self.sample()
+        self.pss_before = self.sample_pss()
         self.own_peak = self.own_before
         self.peak = self.before
+        self.pss_peak = self.pss_before
         self._thread.start()
         return self
 
@@ -427,6 +467,7 @@ class _Rss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.sample())
+        self.pss_peak = max(self.pss_peak, self.sample_pss())
 
 
 def _w6_system(engine: Any, system: str) -> Callable[[int], dict[str, int]]:
@@ -450,6 +491,8 @@ def w6_child(spec: str) -> dict[str, Any]:
     engine_name, system, k = spec.split(":")
     engine = ENGINES[engine_name][1]()
     try:
+        started = _Rss()
+        started_rss = started.sample()  # the engine as started (Ray: with its prestarted idle workers)
         run = _w6_system(engine, system)
         run(500)  # warm-up: imports, first calls
         gc.collect()
@@ -460,7 +503,16 @@ def w6_child(spec: str) -> dict[str, Any]:
             dt = time.perf_counter() - t
         mb = 2**20
         own = (rss.own_peak - rss.own_before) / mb
-        return {"time": dt, "peak": rss.peak / mb, "idle": rss.before / mb, "own": own, **state}
+        return {
+            "time": dt,
+            "peak": rss.peak / mb,
+            "idle": rss.before / mb,
+            "started": started_rss / mb,
+            "pss_peak": rss.pss_peak / mb,
+            "pss_idle": rss.pss_before / mb,
+            "own": own,
+            **state,
+        }
     finally:
         engine.close()
 
@@ -503,26 +555,33 @@ def w6(engine_name: str, runs: int, quick: bool) -> list[str]:
                 failed[name] = f"consumed {got['consumed']} of {k}"
                 continue
             r = results[name]
-            for key in ("time", "peak", "idle", "own", "ahead"):
+            for key in ("time", "peak", "idle", "started", "pss_peak", "pss_idle", "own", "ahead"):
                 r.setdefault(key, []).append(got[key])
-            print(f"  {name}: {got['time']:.2f} s, peak {got['peak']:.0f} MB (idle {got['idle']:.0f} MB)", file=sys.stderr)
+            print(
+                f"  {name}: {got['time']:.2f} s, peak {got['peak']:.0f} MB (idle {got['idle']:.0f} MB)", file=sys.stderr
+            )
     out = [
         f"### W6 bounded memory on {engine_name} — items of {W6_SIZE // 1000} KB, {WORKERS} workers, slow consumer",
         "",
-        "| system | items (input MB) | median s | peak RSS MB | idle engine MB | growth MB | of which this process | most read ahead |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            "| system | items (input MB) | median s | peak RSS MB | idle engine MB | growth MB | of which this process "
+            "| peak PSS MB | idle PSS MB | PSS growth MB | engine as started, RSS MB | most read ahead |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, system, k in systems:
         if name in failed:
             FAILED.append(f"W6 {engine_name} {name}: {failed[name]}")
-            out.append(f"| {name} | FAILED: {failed[name]} | | | | | | |")
+            out.append(f"| {name} | FAILED: {failed[name]} | | | | | | | | | | |")
             continue
         r = results[name]
         ahead = max(r["ahead"])
         note = f" (bound {bound})" if system == "pypline" else " (all of it)"
         out.append(
             f"| {name} | {k:,} ({k * W6_SIZE / 1e6:,.0f}) | {med(r['time']):.2f} | {med(r['peak']):.0f} | "
-            f"{med(r['idle']):.0f} | {med(r['peak']) - med(r['idle']):.0f} | {med(r['own']):.0f} | {ahead:.0f}{note} |"
+            f"{med(r['idle']):.0f} | {med(r['peak']) - med(r['idle']):.0f} | {med(r['own']):.0f} | "
+            f"{med(r['pss_peak']):.0f} | {med(r['pss_idle']):.0f} | {med(r['pss_peak']) - med(r['pss_idle']):.0f} | "
+            f"{med(r['started']):.0f} | {ahead:.0f}{note} |"
         )
         if system == "pypline" and ahead > bound:
             FAILED.append(f"W6 {engine_name} {name}: read {ahead:.0f} items ahead, bound {bound}")
@@ -531,8 +590,12 @@ def w6(engine_name: str, runs: int, quick: bool) -> list[str]:
         "Each measurement runs in a fresh process with a fresh engine. RSS counts that process and all its "
         "descendants (scheduler, workers, daemons, and on Ray the actors a pypline run starts); 'idle engine' "
         "is the same sum just before the run (engine started, warmed up), 'growth' the difference, 'of which "
-        "this process' the growth of the driver alone. Target: peak < 300 MB with read-ahead within the §2.6 "
-        "bound; pypline's memory does not grow with the input, the direct engine's does.",
+        "this process' the growth of the driver alone. A page shared by several processes (libraries; Ray's "
+        "object store) counts once per process in RSS; PSS shares it out, so the PSS sum is what the processes "
+        "really take together. 'Engine as started' is the RSS sum right after the engine started, before the "
+        "warm-up (on Ray it includes the worker processes Ray prestarts; the warm-up's actors use them and they "
+        "are not started again, so 'idle engine' is lower). Target: peak RSS < 300 MB with read-ahead within "
+        "the §2.6 bound; pypline's memory does not grow with the input, the direct engine's does.",
     ]
     return out
 
