@@ -38,6 +38,7 @@ import sys
 import time
 from collections import deque
 from itertools import islice
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, TextIO
 
 from ._config import current_settings, effective_agents
@@ -56,9 +57,13 @@ __all__ = ["Run", "admission_bound"]
 
 SOURCE_STAGE = "<source>"
 
-#: A run of items pulled from a sync source that took longer than this makes the
-#: next run one item long again (a slow source's items go on one by one).
-PULL_RUN_S = 0.0002
+_ITEM = attrgetter("item")
+_INDEX = attrgetter("index")
+
+#: How long one run of pulls from a sync source may take: the next run is as many
+#: items as the last one's pace fits in it (a slow source's items go on one by one,
+#: so its first items reach the workers without waiting for a whole run).
+PULL_RUN_S = 0.001
 
 #: Most items the pump pulls from a sync source in one run.
 MAX_PULL_BATCH = 1024
@@ -152,6 +157,16 @@ class _Collector(_Inbox):
                 run._deliver(env)
             return
         outputs = run.outputs
+        if not run.paths:
+            # No flat-map stage: every envelope is its source item's only one (its own
+            # root, live == 1), so each delivery returns one permit.
+            outputs.extend(map(_ITEM, envs))
+            if run.ordered:
+                run.keys.extend(map(_INDEX, envs))
+            for env in envs:
+                env.live = 0
+            run._release(len(envs))
+            return
         released = 0
         if run.ordered:
             keys, paths = run.keys, run.paths
@@ -446,9 +461,9 @@ class Run:
     def _pull_run(self, it: Iterator[Any], index: int, k: int) -> tuple[list[_Env], Exception | None]:
         """Up to ``k`` items from a sync source, as envelopes; and why it stopped early, if it did.
 
-        How many items go per run adapts: it doubles while pulling is quick (a run
-        then costs one push and one submit), and drops back to 1 for a slow source,
-        so its first items reach the workers without waiting for the rest of a run.
+        How many items go per run adapts to the source's pace (see ``PULL_RUN_S``):
+        a quick source is pulled hundreds at a time (one push and one submit per
+        run), a slow one item by item.
         """
         k = min(k, self.pull_batch)
         envs: list[_Env] = []
@@ -462,10 +477,8 @@ class Run:
             return envs, exc
         if len(envs) < k:
             return envs, _EXHAUSTED
-        if time.perf_counter() - t0 < PULL_RUN_S:
-            self.pull_batch = min(self.pull_batch * 2, MAX_PULL_BATCH)
-        else:
-            self.pull_batch = 1
+        per_item = (time.perf_counter() - t0) / k
+        self.pull_batch = max(1, min(MAX_PULL_BATCH, int(PULL_RUN_S / per_item) if per_item > 0 else MAX_PULL_BATCH))
         return envs, None
 
     def _source_failed(self, index: int, exc: Exception) -> None:
