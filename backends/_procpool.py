@@ -6,6 +6,7 @@
                ── pipe (lifeline; parent holds the write end) ► worker monitor thread
                   (closing it stops the worker; a byte "R" asks for unstarted tasks back)
                ── memfd, 8 bytes (the running task's id) ◄──── written by the worker per task
+               ── memfd arena (Arena: big buffers of tasks) ──► decoded from, never kept
 
     loop.add_reader(data socket) ─► FrameReader.read() ─► on_message(proc, frames)
                                                        └─► on_eof(proc) when the worker is gone
@@ -54,6 +55,7 @@ the Windows proactor loop).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import inspect
 import json
@@ -72,9 +74,23 @@ from typing import Any
 
 from pypline.executor import RemoteError
 
-from ._procworker import EMIT, ERROR, IOV_BATCH, REVOKE, FrameReader, advance, decode, message_header
+from ._procworker import (
+    ARENA_ALIGN,
+    ARENA_HEAD,
+    ARENA_TAIL,
+    EMIT,
+    ERROR,
+    IOV_BATCH,
+    REVOKE,
+    FrameReader,
+    advance,
+    arena_table_bytes,
+    decode,
+    message_header,
+    wire_view,
+)
 
-__all__ = ["WorkerProc", "WorkerStartFailed", "decode_event", "pickle_function"]
+__all__ = ["Arena", "WorkerProc", "WorkerStartFailed", "decode_event", "pickle_function"]
 
 #: Kernel buffer asked for each direction of a worker's socket (the kernel caps it
 #: at net.core.[rw]mem_max). Bigger buffers let a multi-MiB item move in fewer
@@ -89,6 +105,12 @@ START_TIMEOUT_S = 60.0
 #: chatty worker from starving the others and the rest of the loop.
 READS_PER_WAKEUP = 16
 
+#: Size of each worker's shared-memory arena (see ``Arena``). Address space only:
+#: the memfd is sparse, and pages exist once touched, so a worker's arena costs the
+#: most big-buffer bytes it ever had in flight at once, at most this. Buffers that
+#: do not fit when they are sent take the socket.
+ARENA_BYTES = 256 * 1024 * 1024
+
 # The worker's first line of Python: restore the parent's sys.path and load the
 # worker module by its path, as a top-level module (importing it as
 # pypline.backends._procworker would import all of pypline first).
@@ -99,6 +121,145 @@ _BOOT = (
 )
 _WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_procworker.py")
 _SLOT = struct.Struct("<Q")
+
+
+class Arena:
+    """A worker's shared-memory arena: big buffers of the tasks sent to it, one copy each.
+
+    A memfd (anonymous: no name in ``/dev/shm``, nothing to clean up) mapped
+    read-write here and read-only in the worker, which gets the fd at start-up. The
+    parent copies a big buffer into a free slot (``put``) and sends its offset; the
+    worker copies the value out of the slot before the call (``_procworker.decode``).
+
+    **When a slot is reused.** A slot belongs to the task whose encoding put it
+    there (``owner``, its task id) and is free again once that task is no longer in
+    the worker's ``inflight`` (``sweep``, at the first ``put`` of each message).
+    A task leaves ``inflight`` when (a) its outcome arrives: the worker decodes a
+    task (copying out of the slot) before calling the function, and reports after,
+    so it is done with the slot; (b) the worker gave it back unstarted
+    (``returned``): it took it off its queue and will never decode it; (c) it timed
+    out: its worker is SIGKILLed, and nothing it reads any more is reported; or (d)
+    the worker died: the whole arena goes with it (``close``); its replacement
+    gets a new one. Task ids are never reused within an executor.
+
+    What user code in the worker gets never refers to the arena, with one
+    exception: raw ``bytearray``/``memoryview`` values and pickle's out-of-band
+    buffers are copied out, and a pickle stream is read in place by the unpickler,
+    which copies what it keeps; but a big ``bytes`` item is a ``bytes`` object laid
+    over its slot (``_procworker._ArenaBytes``, where the interpreter's layout
+    allows; elsewhere a copy). User code may keep that object beyond its task, so
+    the worker *pins* the slot (a byte per page in the table at the start of the
+    arena) before the call and unpins it only once nothing else references the
+    object; ``sweep`` skips pinned slots. A slot is therefore reused only when its
+    task is out of flight AND it is not pinned. A kept object keeps its slot; when
+    kept ones fill the arena, further buffers take the socket.
+
+    **No leaks.** The memfd has no name; the parent closes its fd once the worker
+    has it, and unmaps at ``close``; the worker's mapping goes when it exits (it
+    exits when its lifeline closes, e.g. when the parent is ``kill -9``ed). The
+    memory is freed with the last mapping.
+    """
+
+    def __init__(self, size: int | None = None) -> None:
+        size = ARENA_BYTES if size is None else size
+        self.fd = os.memfd_create("pypline-arena", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)  # sparse: no memory until written
+            self._map: mmap.mmap | None = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.size = size
+        self.view: memoryview | None = memoryview(self._map)
+        table = arena_table_bytes(size)
+        self.pinned = self.view[:table]  # one byte per page, set by the worker (_ArenaBytes)
+        self._free: list[list[int]] = [[table, size - table]]  # [offset, size], sorted, coalesced
+        self._used: dict[int, tuple[int, int]] = {}  # offset -> (slot size, owner task id)
+        self.in_flight: Callable[[int], bool] = lambda tid: True
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(os, "memfd_create")
+
+    def close_fd(self) -> None:
+        """The worker has its copy of the fd (or never will)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def used(self) -> int:
+        """Bytes in slots now."""
+        return sum(n for n, _ in self._used.values())
+
+    def put(self, buf: memoryview, owner: int) -> int | None:
+        """Copy ``buf`` into a free slot owned by task ``owner``; where its data starts, or None (no room)."""
+        view = self.view
+        if view is None:
+            return None
+        n = buf.nbytes
+        need = -(-(ARENA_HEAD + n + ARENA_TAIL) // ARENA_ALIGN) * ARENA_ALIGN
+        off = self._take(need)
+        if off is None:
+            self.sweep(owner)
+            off = self._take(need)
+            if off is None:
+                return None
+        if buf.format != "B" or buf.ndim != 1:
+            buf = buf.cast("B")
+        start = off + ARENA_HEAD
+        view[start : start + n] = buf
+        self._used[off] = (need, owner)
+        return start
+
+    def _take(self, need: int) -> int | None:
+        for ext in self._free:  # first fit: low offsets, whose pages are touched already
+            if ext[1] >= need:
+                off = ext[0]
+                ext[0] += need
+                ext[1] -= need
+                if not ext[1]:
+                    self._free.remove(ext)
+                return off
+        return None
+
+    def sweep(self, keep: int) -> None:
+        """Free the slots of tasks no longer in flight (except ``keep``'s: being encoded now)."""
+        in_flight = self.in_flight
+        pinned = self.pinned
+        for off, (_, owner) in list(self._used.items()):
+            if owner != keep and not in_flight(owner) and not pinned[off // ARENA_ALIGN]:
+                self.release(off)
+
+    def release(self, off: int) -> None:
+        need, _ = self._used.pop(off)
+        free = self._free
+        i = bisect.bisect_left(free, [off, 0])
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == off:  # merge with the extent before
+            i -= 1
+            free[i][1] += need
+        else:
+            free.insert(i, [off, need])
+        if i + 1 < len(free) and free[i][0] + free[i][1] == free[i + 1][0]:  # and the one after
+            free[i][1] += free[i + 1][1]
+            del free[i + 1]
+
+    def close(self) -> None:
+        """Unmap (the memory is freed once the worker's mapping is gone too). Idempotent."""
+        self.close_fd()
+        self._used.clear()
+        self._free = []
+        try:
+            self.pinned.release()
+            if self.view is not None:
+                self.view.release()
+            if self._map is not None:
+                self._map.close()
+        except BufferError:  # pragma: no cover - a view still exists: unmapped when collected
+            pass
+        self.view = None
+        self._map = None
+        self.in_flight = lambda tid: True
 
 
 class WorkerStartFailed(Exception):
@@ -116,7 +277,7 @@ class WorkerProc:
     can keep one object per worker; only the executor touches it.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, index: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, index: int, use_arena: bool = True) -> None:
         self.loop = loop
         self.index = index
         # --- executor-owned scheduling state ---
@@ -139,9 +300,17 @@ class WorkerProc:
         self.eof = False
         self._out: deque[memoryview] = deque()
         self._tmp: Any = None
+        self.arena: Arena | None = None
         parent, child = socket.socketpair()
         life_r, self._life_w = os.pipe()
         slot_fd = self._slot_fd()
+        if use_arena and Arena.available():
+            try:
+                self.arena = Arena()
+            except OSError:  # no memfd here (ENOSYS, limits): everything takes the socket
+                self.arena = None
+            else:
+                self.arena.in_flight = lambda tid: tid in self.inflight  # the executor's own record
         try:
             for s in (parent, child):
                 try:
@@ -160,16 +329,22 @@ class WorkerProc:
                 str(life_r),
                 str(slot_fd),
                 str(os.getpid()),
+                str(self.arena.fd if self.arena is not None else -1),
             ]
-            self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(), life_r, slot_fd), stdin=subprocess.DEVNULL)
+            fds = (child.fileno(), life_r, slot_fd) + ((self.arena.fd,) if self.arena is not None else ())
+            self.proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
         except BaseException:
             parent.close()
             os.close(self._life_w)
+            if self.arena is not None:
+                self.arena.close()
             raise
         finally:
             child.close()
             os.close(life_r)
             os.close(slot_fd)
+            if self.arena is not None:
+                self.arena.close_fd()
             if self._tmp is not None:
                 self._tmp.close()
         os.set_blocking(self._life_w, False)
@@ -213,6 +388,9 @@ class WorkerProc:
         if reply[0] == "failed":
             _, name, message, tb = reply
             raise WorkerStartFailed(f"{name}: {message}", tb)
+        if self.arena is not None and not (len(reply) > 2 and reply[2]):  # it could not map the arena
+            self.arena.close()
+            self.arena = None
 
     # --- I/O -------------------------------------------------------------------------------
     def send(self, frames: list[Any]) -> None:
@@ -222,9 +400,9 @@ class WorkerProc:
         out = self._out
         out.append(memoryview(message_header(frames)))
         for f in frames:
-            m = memoryview(f)
+            m = wire_view(f)
             if m.nbytes:
-                out.append(m.cast("B") if m.format != "B" or m.ndim != 1 else m)
+                out.append(m)
         if not self.writing:
             self._write()
 
@@ -293,6 +471,8 @@ class WorkerProc:
         self._out.clear()
         self.sock.close()
         os.close(self._life_w)
+        if self.arena is not None:
+            self.arena.close()  # nothing more is sent; the worker's own mapping goes when it exits
 
     def revoke(self) -> None:
         """Ask the worker for the tasks it has not started (answered by a ``returned`` message)."""

@@ -34,6 +34,16 @@ exact size (for ``bytes``, the new ``bytes`` object itself: ``new_bytes``). Smal
 frames are parsed out of one reusable read buffer, so many small messages cost one
 ``recv``.
 
+**Big frames through shared memory.** From parent to worker, a frame of at least
+``BIG_FRAME`` bytes is copied once into the worker's arena (a memfd both map:
+``_procpool.Arena``) and only its offset travels (``IN_ARENA`` in its length
+word); it arrives as ``InArena`` and ``decode`` never lets user code keep a view
+of it: a ``bytes`` item becomes a ``bytes`` object laid over the slot itself
+(``_ArenaBytes``: no copy here, the slot pinned while anything references it),
+anything else is copied out (``bytearray``, memoryviews, out-of-band buffers) or
+read in place by the unpickler. Without an arena (no memfd), or when it is full,
+frames take the socket as above. Results come back on the socket.
+
 **Faults.** The shared ``slot`` (8 bytes of shared memory) holds the id of the task
 being executed, written without a system call. When the process dies, the parent
 reads it: that task died with the process (``WorkerDied``); the others were only
@@ -109,6 +119,28 @@ _LEN = struct.Struct("<Q")
 #: reads a big one straight into a new ``bytes`` object (see ``new_bytes``).
 IMMUTABLE = 1 << 63
 
+#: Set in a frame's length when the frame's data is in the receiver's shared-memory
+#: arena (see ``_procpool.Arena``): the frame on the wire is then only the 8-byte
+#: offset, and the length word (without the flags) is the data's size.
+IN_ARENA = 1 << 62
+
+_FLAGS = IMMUTABLE | IN_ARENA
+
+#: Arena layout (both sides): a table of one "pinned" byte per ARENA_ALIGN page
+#: (written by the worker), then slots of whole pages. A slot's data starts
+#: ARENA_HEAD bytes in and is followed by one spare byte: room for the header and
+#: the terminating NUL of a ``bytes`` object laid over it (``_ArenaBytes``).
+ARENA_ALIGN = 4096
+ARENA_HEAD = 64
+ARENA_TAIL = 1
+
+
+def arena_table_bytes(size: int) -> int:
+    """Bytes of the pinned table at the start of an arena of ``size`` bytes (whole pages)."""
+    n = size // ARENA_ALIGN
+    return -(-n // ARENA_ALIGN) * ARENA_ALIGN
+
+
 # Value tags in an envelope.
 INLINE = 0  # the value itself is in the envelope
 BLOB = 1  # (frame index, number of out-of-band buffers): cloudpickled on its own
@@ -131,11 +163,54 @@ ERROR = 2
 _INLINE_TYPES = frozenset({int, float, str, bool, type(None), complex})
 
 
+class RawValue:
+    """A ``bytes`` (or ``bytearray``) value still in the buffer it arrived in.
+
+    The agent receives an item's bytes in a zmq frame; wrapped in this, the process
+    backend moves that memory to the worker (into its arena, or onto the socket)
+    without first making a ``bytes`` copy in the agent. The worker gets a real
+    ``bytes`` (``bytearray`` when ``mutable``): user code never sees this type.
+    """
+
+    __slots__ = ("buf", "mutable")
+
+    def __init__(self, buf: Any, mutable: bool = False) -> None:
+        self.buf = buf
+        self.mutable = mutable
+
+
+class Flagged:
+    """A frame sent as ``data`` whose length word is ``length`` (a size with flags)."""
+
+    __slots__ = ("data", "length")
+
+    def __init__(self, data: Any, length: int) -> None:
+        self.data = data
+        self.length = length
+
+
+class InArena:
+    """A received frame that is a view of the sender's shared-memory arena.
+
+    Only ``decode`` sees one, and it copies what it returns out of it (see
+    ``_procpool``'s module docstring: the sender reuses the memory once the task is
+    no longer in flight, so nothing may keep a view of it).
+    """
+
+    __slots__ = ("off", "view")
+
+    def __init__(self, view: memoryview, off: int) -> None:
+        self.view = view
+        self.off = off  # where the data starts in the arena
+
+
 class Encoder:
     """Turns values into (tag, data) envelope entries plus the frames they refer to.
 
     One encoder is reused for many messages: building a cloudpickle ``Pickler`` costs
-    more than pickling a small value with an existing one.
+    more than pickling a small value with an existing one. In the parent, a message's
+    big buffers go into the receiving worker's arena when ``reset`` got one (and it
+    has room), tagged with ``owner`` (the task id being encoded).
     """
 
     def __init__(self) -> None:
@@ -145,6 +220,9 @@ class Encoder:
         self._oob: list[pickle.PickleBuffer] = []
         self._pickler = cloudpickle.Pickler(self._file, protocol=5, buffer_callback=self._on_buffer)
         self.frames: list[Any] = []
+        self.arena: Any = None  # the receiver's _procpool.Arena, or None: everything on the socket
+        self.owner = 0
+        self._swept = False
 
     def _on_buffer(self, buf: pickle.PickleBuffer) -> bool:
         try:
@@ -156,21 +234,48 @@ class Encoder:
         self._oob.append(raw)  # type: ignore[arg-type]
         return False  # out-of-band: becomes a frame of its own
 
-    def reset(self) -> None:
+    def reset(self, arena: Any = None) -> None:
         self.frames = [None]  # frame 0 is the envelope, filled by finish()
+        self.arena = arena
+        self._swept = False
+
+    def _big(self, buf: Any, immutable: bool) -> int:
+        """Append a frame of at least BIG_FRAME bytes (in the arena if there is room); its index."""
+        arena = self.arena
+        if arena is not None:
+            if not self._swept:  # once per message: reclaim slots of tasks no longer in flight
+                self._swept = True
+                arena.sweep(self.owner)
+            view = memoryview(buf)
+            off = arena.put(view, self.owner)
+            if off is not None:
+                self.frames.append(Flagged(_LEN.pack(off), view.nbytes | IN_ARENA))
+                return len(self.frames) - 1
+        if immutable and type(buf) is not bytes:  # received straight into a new bytes object
+            buf = Flagged(buf, memoryview(buf).nbytes | IMMUTABLE)
+        self.frames.append(buf)
+        return len(self.frames) - 1
 
     def value(self, v: Any) -> tuple[int, Any]:
         """Encode one value; raises whatever pickling raises (nothing is appended then)."""
         t = type(v)
         if t in _INLINE_TYPES:
             return INLINE, v
+        if t is RawValue:
+            if v.mutable:
+                return RAW, (self._big(v.buf, False), RAW_BYTEARRAY)
+            return RAW, (self._big(v.buf, True), RAW_BYTES)
         if t is memoryview and v.c_contiguous:  # pickle refuses memoryviews: always a raw frame
-            self.frames.append(v.cast("B") if v.format != "B" or v.ndim != 1 else v)
-            return RAW, (len(self.frames) - 1, RAW_MEMORYVIEW, v.format, v.shape)
+            flat = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+            if flat.nbytes >= BIG_FRAME:
+                index = self._big(flat, False)
+            else:
+                self.frames.append(flat)
+                index = len(self.frames) - 1
+            return RAW, (index, RAW_MEMORYVIEW, v.format, v.shape)
         if t is bytes or t is bytearray:
             if len(v) >= BIG_FRAME:
-                self.frames.append(v)
-                return RAW, (len(self.frames) - 1, RAW_BYTES if t is bytes else RAW_BYTEARRAY)
+                return RAW, (self._big(v, t is bytes), RAW_BYTES if t is bytes else RAW_BYTEARRAY)
             if t is bytes:
                 return INLINE, v
         f = self._file
@@ -185,10 +290,15 @@ class Encoder:
             p.dump(v)
         finally:
             oob, self._oob = self._oob, []
+            p.clear_memo()  # holds what it pickled: let it go now
         data = f.getvalue()
         index = len(self.frames)
-        self.frames.append(data)
-        self.frames.extend(oob)
+        if len(data) >= BIG_FRAME:
+            self._big(data, True)
+        else:
+            self.frames.append(data)
+        for b in oob:  # each at least BIG_FRAME (_on_buffer)
+            self._big(b, False)
         return BLOB, (index, len(oob))
 
     def finish(self, envelope: Any) -> list[Any]:
@@ -236,15 +346,34 @@ def new_bytes(size: int) -> tuple[bytes | bytearray, memoryview]:
     return obj, memoryview(raw).cast("B")
 
 
+def _own(buf: Any) -> Any:
+    """A frame as a buffer the caller may keep: a copy of it if it is in the arena."""
+    return bytearray(buf.view) if type(buf) is InArena else buf
+
+
 def decode(tag: int, data: Any, frames: Sequence[Any]) -> Any:
-    """The value an envelope entry stands for; raises if it cannot be unpickled."""
+    """The value an envelope entry stands for; raises if it cannot be unpickled.
+
+    What it returns never refers to a frame in the arena (``InArena``): those are
+    copied (buffers, raw values) or read in place by the unpickler, which copies
+    what it keeps.
+    """
     if tag == INLINE:
         return data
     if tag == BLOB:
         index, nbufs = data
-        return pickle.loads(frames[index], buffers=frames[index + 1 : index + 1 + nbufs])
+        blob = frames[index]
+        if type(blob) is InArena:
+            blob = blob.view
+        return pickle.loads(blob, buffers=[_own(b) for b in frames[index + 1 : index + 1 + nbufs]])
     index, code = data[0], data[1]
     buf = frames[index]
+    if type(buf) is InArena:
+        if code == RAW_BYTES:
+            if _arena_bytes is not None:  # a bytes object over the slot itself: no copy
+                return _arena_bytes.make(buf.off, buf.view.nbytes)
+            return bytes(buf.view)  # one copy, straight out of the arena
+        buf = bytearray(buf.view)
     if code == RAW_BYTES:
         return buf if type(buf) is bytes else bytes(buf)
     if code == RAW_BYTEARRAY:
@@ -254,16 +383,30 @@ def decode(tag: int, data: Any, frames: Sequence[Any]) -> Any:
     return view if fmt == "B" and len(shape) == 1 else view.cast(fmt, shape)
 
 
+def _length(f: Any) -> int:
+    t = type(f)
+    if t is bytes:
+        return len(f) | IMMUTABLE
+    if t is Flagged:
+        return int(f.length)
+    return memoryview(f).nbytes
+
+
 def message_header(frames: Sequence[Any]) -> bytes:
-    """The count and length table; a ``bytes`` frame's length carries IMMUTABLE."""
+    """The count and length table; a ``bytes`` frame's length carries IMMUTABLE (``Flagged``: its own)."""
     n = len(frames)
-    lengths = [len(f) | IMMUTABLE if type(f) is bytes else memoryview(f).nbytes for f in frames]
-    return _COUNT.pack(n) + struct.pack(f"<{n}Q", *lengths)
+    return _COUNT.pack(n) + struct.pack(f"<{n}Q", *[_length(f) for f in frames])
+
+
+def wire_view(f: Any) -> memoryview:
+    """What goes on the wire for a frame, as a flat byte view."""
+    m = memoryview(f.data if type(f) is Flagged else f)
+    return m.cast("B") if m.format != "B" or m.ndim != 1 else m
 
 
 def send_all(sock: socket.socket, frames: Sequence[Any]) -> None:
     """Send one message on a blocking socket, without copying the frames."""
-    bufs: deque[memoryview] = deque(memoryview(f).cast("B") for f in (message_header(frames), *frames))
+    bufs: deque[memoryview] = deque(wire_view(f) for f in (message_header(frames), *frames))
     while bufs:
         sent = sock.sendmsg(list(bufs)[:IOV_BATCH] if len(bufs) > IOV_BATCH else bufs)
         advance(bufs, sent)
@@ -289,12 +432,14 @@ class FrameReader:
 
     ``read()`` does ONE ``recv`` and returns the messages completed by it (each a
     list of frames: ``bytes`` for small ones, a ``bytearray`` of its own for big
-    ones). On a non-blocking socket it raises ``BlockingIOError`` when nothing is
-    there; at the end of the stream it raises ``EOFError``.
+    ones, an ``InArena`` view for one the sender put in ``arena``). On a
+    non-blocking socket it raises ``BlockingIOError`` when nothing is there; at the
+    end of the stream it raises ``EOFError``.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, arena: memoryview | None = None) -> None:
         self.sock = sock
+        self.arena = arena
         self.buf = bytearray(READ_CHUNK)
         self.view = memoryview(self.buf)
         self.start = 0
@@ -355,8 +500,19 @@ class FrameReader:
             while len(frames) < self.nframes:
                 size = lengths[len(frames)]
                 immutable = size & IMMUTABLE
-                size &= ~IMMUTABLE
                 avail = self.end - self.start
+                if size & IN_ARENA:
+                    if avail < 8:
+                        return out
+                    off = _LEN.unpack_from(view, self.start)[0]
+                    size &= ~_FLAGS
+                    arena = self.arena
+                    if arena is None or off + size > arena.nbytes:
+                        raise ValueError(f"a frame at {off}+{size} outside the shared-memory arena")
+                    self.start += 8
+                    frames.append(InArena(arena[off : off + size], off))
+                    continue
+                size &= ~_FLAGS
                 if size >= BIG_FRAME:
                     big, big_view = new_bytes(size) if immutable else _new_bytearray(size)
                     take = min(avail, size)
@@ -404,16 +560,117 @@ def exception_fields(exc: BaseException) -> tuple[str, str, str]:
 # --- the worker process -----------------------------------------------------------------
 
 
+class _ArenaBytes:
+    """``bytes`` objects laid over arena slots, so a big ``bytes`` item costs no copy here.
+
+    CPython only, with the GIL, on versions whose ``bytes`` layout is checked at
+    start-up (``create``): a ``bytes`` object is a fixed header followed by its data
+    and a NUL, and the parent left ARENA_HEAD bytes before and one after each slot's
+    data. The worker writes a header there (type ``bytes``, its size, no cached hash,
+    a reference count of 1 that nobody owns) and hands out that object. Since that
+    count never drops, CPython never tries to free memory it did not allocate.
+
+    **Lifetime.** Each such object is *pinned* from its creation: the worker sets
+    the slot's byte in the arena's pinned table, and the parent does not reuse a
+    slot whose byte is set, even after its task is done (``_procpool.Arena.sweep``).
+    ``release`` (before and after each flush of outcomes) unpins the objects that
+    only this class still references (``sys.getrefcount``: nothing in user code, an
+    outcome or a frame can reach them any more). An object user code keeps (a cache,
+    a global) stays pinned, with its slot, as long as it lives. The byte is set
+    before the call starts and the task's outcome is sent after it, so by the time
+    the parent sees the task done it sees the pin too.
+    """
+
+    #: References of an unused object during ``release``: the one nobody owns,
+    #: ``pinned``'s, and getrefcount's argument.
+    BASELINE = 3
+
+    def __init__(self, arena: mmap.mmap) -> None:
+        self.map = arena
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(arena))
+        self.table = memoryview(arena)[: arena_table_bytes(len(arena))]
+        self.pinned: list[tuple[bytes, int]] = []
+        self.lock = threading.Lock()  # make() in the main thread, release() in either
+
+    @staticmethod
+    def create(arena: mmap.mmap | None) -> _ArenaBytes | None:
+        """One for this arena if this interpreter's ``bytes`` layout is the one we know, else None."""
+        if arena is None or not _layout_ok():
+            return None
+        try:
+            return _ArenaBytes(arena)
+        except (TypeError, ValueError):  # a read-only map: copies instead
+            return None
+
+    def make(self, off: int, n: int) -> bytes:
+        _HEADER.pack_into(self.map, off - _BYTES_HEAD, 1, id(bytes), n, -1)
+        self.map[off + n] = 0
+        page = (off - ARENA_HEAD) // ARENA_ALIGN
+        with self.lock:
+            self.table[page] = 1
+            obj: bytes = ctypes.cast(self.base + off - _BYTES_HEAD, ctypes.py_object).value
+            self.pinned.append((obj, page))
+        return obj
+
+    def release(self) -> None:
+        """Unpin the objects nothing else references any more."""
+        if not self.pinned:
+            return
+        with self.lock:
+            keep = []
+            for rec in self.pinned:
+                if sys.getrefcount(rec[0]) <= self.BASELINE:
+                    self.table[rec[1]] = 0
+                else:
+                    keep.append(rec)
+            self.pinned = keep
+
+
+#: The header of a ``bytes`` object (non-debug CPython with the GIL, 3.10-3.13):
+#: reference count, type, size, cached hash; the data follows it.
+_HEADER = struct.Struct("<qQqq")
+_BYTES_HEAD = _HEADER.size
+
+
+def _layout_ok() -> bool:
+    """Does a ``bytes`` built by ``_ArenaBytes.make`` behave like one, in this interpreter?"""
+    if (
+        sys.implementation.name != "cpython"
+        or not (3, 10) <= sys.version_info[:2] <= (3, 13)
+        or hasattr(sys, "gettotalrefcount")  # a debug build: other header
+        or bytes.__basicsize__ != _BYTES_HEAD + 1  # e.g. a free-threaded build: other header
+    ):
+        return False
+    try:
+        buf = (ctypes.c_char * 64)()
+        _HEADER.pack_into(buf, 0, 1, id(bytes), 5, -1)
+        ctypes.memmove(ctypes.addressof(buf) + _BYTES_HEAD, b"probe\0", 6)
+        probe = ctypes.cast(ctypes.addressof(buf), ctypes.py_object).value
+        ok = type(probe) is bytes and len(probe) == 5 and probe == b"probe" and hash(probe) == hash(b"probe")
+        _PROBES.append((buf, probe))  # never freed: its count must not drop to 0
+        return ok
+    except Exception:  # noqa: BLE001 - any surprise: copies instead
+        return False
+
+
+_PROBES: list[Any] = []
+
+#: Set in a worker process with an arena, where ``_layout_ok()``.
+_arena_bytes: _ArenaBytes | None = None
+
+
 class _Worker:
     """The worker's state: its function, task queue, outbox and the two helper threads."""
 
-    def __init__(self, sock: socket.socket, lifeline: int, slot: mmap.mmap, parent: int) -> None:
+    def __init__(
+        self, sock: socket.socket, lifeline: int, slot: mmap.mmap, parent: int, arena: mmap.mmap | None = None
+    ) -> None:
         self.sock = sock
         self.lifeline = lifeline
         self.slot_map = slot
         self.slot = ctypes.c_uint64.from_buffer(slot)  # one store per task, no system call
         self.parent = parent
-        self.reader = FrameReader(sock)
+        self.reader = FrameReader(sock, memoryview(arena) if arena is not None else None)
         self._encoder: Encoder | None = None  # built on first use: imports cloudpickle
         self.queue: deque[tuple[int, int, Any]] = deque()  # (tid, attempt, item or (tag, data))
         self.frames_of: dict[int, list[Any]] = {}  # tid -> its message's frames, for non-inline items
@@ -542,50 +799,59 @@ class _Worker:
             outbox = self.outbox
             if not outbox:
                 return
-            n = len(outbox)
-            events = [outbox.popleft() for _ in range(n)]
-            busy, done, samples = self.busy_s, self.done, self.samples
-            self.busy_s = 0.0
-            self.done = 0
-            self.samples = []
-            inline = _INLINE_TYPES
-            first = events[0][0]
-            values: list[Any] = []
-            for tid, code, value in events:  # the common case: in-order results of builtin types
-                if code != OK or type(value) not in inline or tid != first + len(values):
-                    break
-                values.append(value)
-            else:
-                self.send([pickle.dumps(("results", busy, done, samples, first, values), protocol=5)])
-                self.emitted_sent = True
-                return
-            enc = self.encoder
-            enc.reset()
-            entries: list[tuple[Any, ...]] = []
-            for ev in events:
-                tid, code = ev[0], ev[1]
-                if type(ev[2]) in inline and code != ERROR:
-                    entries.append((tid, code, INLINE, ev[2]))
-                    continue
-                if code == ERROR:
-                    entries.append(self._encode_error(tid, ev[2]))
-                    continue
-                mark = len(enc.frames)
-                try:
-                    tag, data = enc.value(ev[2])
-                except BaseException as exc:  # noqa: BLE001 - any pickling failure fails that item only
-                    del enc.frames[mark:]
-                    err = pickle.PicklingError(
-                        f"{'a yielded value' if code == EMIT else 'the result'} of type "
-                        f"{type(ev[2]).__qualname__} could not be pickled to send it back: {exc}"
-                    )
-                    err.__cause__ = exc
-                    entries.append(self._encode_error(tid, err))
-                    continue
-                entries.append((tid, code, tag, data))
-            frames = enc.finish(("events", busy, done, samples, entries))
-            self.send(frames)
+            pinned = _arena_bytes
+            if pinned is not None:
+                pinned.release()  # before the outcomes go: their slots can be reused at once
+            self._flush(outbox)
+            if pinned is not None:
+                pinned.release()  # values that were only in those outcomes
+
+    def _flush(self, outbox: deque[tuple[Any, ...]]) -> None:
+        """Send the outbox as one message (under ``lock``)."""
+        n = len(outbox)
+        events = [outbox.popleft() for _ in range(n)]
+        busy, done, samples = self.busy_s, self.done, self.samples
+        self.busy_s = 0.0
+        self.done = 0
+        self.samples = []
+        inline = _INLINE_TYPES
+        first = events[0][0]
+        values: list[Any] = []
+        for tid, code, value in events:  # the common case: in-order results of builtin types
+            if code != OK or type(value) not in inline or tid != first + len(values):
+                break
+            values.append(value)
+        else:
+            self.send([pickle.dumps(("results", busy, done, samples, first, values), protocol=5)])
             self.emitted_sent = True
+            return
+        enc = self.encoder
+        enc.reset()
+        entries: list[tuple[Any, ...]] = []
+        for ev in events:
+            tid, code = ev[0], ev[1]
+            if type(ev[2]) in inline and code != ERROR:
+                entries.append((tid, code, INLINE, ev[2]))
+                continue
+            if code == ERROR:
+                entries.append(self._encode_error(tid, ev[2]))
+                continue
+            mark = len(enc.frames)
+            try:
+                tag, data = enc.value(ev[2])
+            except BaseException as exc:  # noqa: BLE001 - any pickling failure fails that item only
+                del enc.frames[mark:]
+                err = pickle.PicklingError(
+                    f"{'a yielded value' if code == EMIT else 'the result'} of type "
+                    f"{type(ev[2]).__qualname__} could not be pickled to send it back: {exc}"
+                )
+                err.__cause__ = exc
+                entries.append(self._encode_error(tid, err))
+                continue
+            entries.append((tid, code, tag, data))
+        frames = enc.finish(("events", busy, done, samples, entries))
+        self.send(frames)
+        self.emitted_sent = True
 
     def _encode_error(self, tid: int, exc: BaseException) -> tuple[Any, ...]:
         name, message, tb = exception_fields(exc)
@@ -643,7 +909,7 @@ class _Worker:
             self.bind_context(context)
         elif not any(isinstance(f, _ContextHook) for f in sys.meta_path):
             sys.meta_path.insert(0, _ContextHook(self))
-        self.send([pickle.dumps(("ready", os.getpid()), protocol=5)])
+        self.send([pickle.dumps(("ready", os.getpid(), self.reader.arena is not None), protocol=5)])
 
     def bind_context(self, context: Any) -> None:
         """pypline is imported here: from now on set ``current_worker()`` around each call."""
@@ -743,6 +1009,7 @@ class _Worker:
             else:
                 event = (tid, OK, value)
             t1 = clock()
+            item = None  # no reference left here (an item may pin arena memory: _ArenaBytes)
             if not outbox:
                 self.out_first = t1
             outbox.append(event)
@@ -803,6 +1070,7 @@ class _Worker:
             else:
                 event = (tid, OK, value)
             t1 = clock()
+            item = None
             if not outbox:
                 self.out_first = t1
             outbox.append(event)
@@ -867,19 +1135,51 @@ def _exit_now() -> None:
         os._exit(0)
 
 
+def _batch_scheduling() -> None:
+    """Ask Linux to schedule this worker as a batch (throughput) process.
+
+    SCHED_BATCH keeps the worker's fair share of CPU (same nice level, same
+    weight) but stops a wake-up of it from preempting the running process. On a
+    machine with fewer cores than parent + workers that matters: without it, each
+    message the parent sends wakes a worker that takes the parent's core at once,
+    so the parent sends to the next worker only after the first has finished its
+    batch, and parent and workers run in turn instead of side by side.
+    """
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError:  # not allowed here (some containers): the default policy is fine too
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of a worker process: ``main([data_fd, lifeline_fd, slot_fd, parent_pid])``."""
+    """Entry point of a worker process: ``main([data_fd, lifeline_fd, slot_fd, parent_pid, arena_fd])``.
+
+    ``arena_fd`` is -1 (or absent) when the parent has no shared-memory arena for it.
+    """
     import signal
 
     args = list(sys.argv[1:] if argv is None else argv)
     data_fd, life_fd, slot_fd, parent = (int(a) for a in args[:4])
+    arena_fd = int(args[4]) if len(args) > 4 else -1
     # Ctrl-C goes to the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _batch_scheduling()
     sock = socket.socket(fileno=data_fd)
     sock.setblocking(True)
     slot = mmap.mmap(slot_fd, 8)
     os.close(slot_fd)
-    worker = _Worker(sock, life_fd, slot, parent)
+    arena = None
+    if arena_fd >= 0:
+        try:  # the parent writes slots' data; this process headers and the pinned table
+            arena = mmap.mmap(arena_fd, os.fstat(arena_fd).st_size)
+        except OSError:  # e.g. an address-space limit: "ready" tells the parent to use the socket
+            arena = None
+        finally:
+            os.close(arena_fd)
+    global _arena_bytes
+    _arena_bytes = _ArenaBytes.create(arena)
+    worker = _Worker(sock, life_fd, slot, parent, arena)
     worker.start_threads()
     try:
         worker.serve()

@@ -52,9 +52,11 @@ everything that crosses the process boundary is converted.
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
 from collections import deque
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 from pypline.executor import (
@@ -74,9 +76,11 @@ except ImportError:  # pragma: no cover - an engine without run statistics
     LATENCY_SAMPLE_EVERY = 32
 
 from ._procpool import WorkerProc, WorkerStartFailed, decode_event, pickle_function
-from ._procworker import _INLINE_TYPES, BLOB, EMIT, ERROR, INLINE, OK, Encoder
+from ._procworker import _INLINE_TYPES, BLOB, EMIT, ERROR, INLINE, OK, Encoder, RawValue
 
-__all__ = ["ProcessBackend", "ProcessExecutor"]
+__all__ = ["ProcessBackend", "ProcessExecutor", "RawValue"]  # RawValue: for the agent (server.py)
+
+log = logging.getLogger("pypline.process")
 
 # --- tuning -------------------------------------------------------------------------------
 
@@ -118,13 +122,18 @@ CLOSE_GRACE_S = 1.0
 MAX_RESTART_FAILURES = 3
 
 _DIED = -1  # pseudo outcome code: the worker's end of the stream
+_FIRST = frozenset({1})
+_ANY_WORKER = frozenset({None})
+_WORKER = attrgetter("worker")
+_NUMBER = attrgetter("number")
 
 
 class ProcessExecutor(Executor):
     """Runs one stage's workers in local processes. See the module docstring."""
 
-    def __init__(self, spec: StageSpec) -> None:
+    def __init__(self, spec: StageSpec, backend: ProcessBackend | None = None) -> None:
         self._spec = spec
+        self._backend = backend  # where warm spare processes come from (None: always spawn)
         self._n = spec.num_workers
         self._timeout = spec.timeout
         self._workers: list[WorkerProc | None] = [None] * self._n
@@ -140,6 +149,7 @@ class ProcessExecutor(Executor):
         self._broken: list[BaseException | None] = [None] * self._n  # workers that cannot restart
         self._any_broken = False
         self._scheduled = False
+        self._dispatch_handle: asyncio.Handle | None = None
         self._closed = False
         self._submitted = 0
         self._replaced = 0
@@ -242,6 +252,8 @@ class ProcessExecutor(Executor):
                 self._queue.append(a)
             else:
                 self._own[a.worker].append(a)
+        elif _ANY_WORKER.issuperset(map(_WORKER, attempts)):  # a run of pool-mode attempts
+            self._queue.extend(attempts)
         else:
             queue = self._queue
             for a in attempts:
@@ -251,12 +263,18 @@ class ProcessExecutor(Executor):
                     self._own[a.worker].append(a)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._dispatch)
+            self._dispatch_handle = self._loop.call_soon(self._dispatch)
 
     def _schedule(self) -> None:
         if not self._scheduled and not self._closed:
             self._scheduled = True
-            self._loop.call_soon(self._dispatch)
+            self._dispatch_handle = self._loop.call_soon(self._dispatch)
+
+    def flush(self) -> None:
+        """The engine's burst of submits is over: send now rather than on the next loop tick."""
+        if self._scheduled and self._dispatch_handle is not None:
+            self._dispatch_handle.cancel()
+            self._dispatch()
 
     # --- deciding who gets what ---------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -274,16 +292,20 @@ class ProcessExecutor(Executor):
                 k = min(len(own), w.free)
                 batches[w] = [own.popleft() for _ in range(k)]
                 w.free -= k
+        # The shared queue: least loaded first, levelling (water-filling), so a worker
+        # that just emptied gets one whole batch instead of a slice of a split.
         queue = self._queue
-        while queue:
-            cands = sorted((w for w in ready if w.free > 0), key=lambda w: -w.free)
-            if not cands:
-                break
-            share = -(-len(queue) // len(cands))
-            for w in cands:
+        cands = [w for w in ready if w.free > 0] if queue else []
+        load = {w: w.limit - w.free for w in cands}
+        while queue and cands:
+            cands.sort(key=load.__getitem__)
+            low = load[cands[0]]
+            group = [w for w in cands if load[w] == low]
+            share = -(-len(queue) // len(group))
+            if len(group) < len(cands):  # only up to the next level; then level again
+                share = min(share, load[cands[len(group)]] - low)
+            for w in group:
                 k = min(share, w.free, len(queue))
-                if k <= 0:
-                    break
                 batch = batches.get(w)
                 if batch is None:
                     batch = batches[w] = []
@@ -293,25 +315,36 @@ class ProcessExecutor(Executor):
                 else:
                     batch.extend([queue.popleft() for _ in range(k)])
                 w.free -= k
+                load[w] += k
+            cands = [w for w in cands if w.free > 0]
         for w, batch in batches.items():
             self._send(w, batch)
 
     def _send(self, w: WorkerProc, batch: list[Attempt]) -> None:
         enc = self._encoder
         assert enc is not None
-        enc.reset()
+        enc.reset(w.arena)  # big buffers go to this worker's shared memory (_procpool.Arena)
         failed: list[tuple[Attempt, BaseException]] = []
         inflight = w.inflight
         timeout = self._timeout
         if not w.inflight:
             w.last_progress = self._loop.time()
         first = tid = self._tid + 1
-        items: list[Any] = []
+        if timeout is None:
+            items = [a.item for a in batch]
+            if _INLINE_TYPES.issuperset(map(type, items)) and _FIRST.issuperset(map(_NUMBER, batch)):
+                # The common case (small builtin items, first attempts): no per-item work here.
+                inflight.update(zip(range(first, first + len(items)), batch))
+                self._tid = first + len(items) - 1
+                w.send(enc.finish(("tasks", w.flush_at, first, None, items)))
+                return
+        items = []
         numbers: list[int] | None = None  # attempt numbers, sent only when one is not 1
         for a in batch:
             item = a.item
             if type(item) not in _INLINE_TYPES:
                 mark = len(enc.frames)
+                enc.owner = tid  # owns the arena slots it takes
                 try:
                     tag, data = enc.value(item)
                 except Exception as exc:  # noqa: BLE001 - this item cannot travel: it fails, nothing else does
@@ -370,14 +403,14 @@ class ProcessExecutor(Executor):
         if kind == "results":  # consecutive tasks' results, all of builtin types
             tid, values = rest
             if w.backlog is None and not self._timers:
-                # The hot path: straight to the engine, slot freed before each report.
-                ok = self._sink.ok
-                for v in values:
-                    a = inflight.pop(tid, None)
-                    tid += 1
-                    if a is not None:
-                        self._held -= 1
-                        ok(a, v)
+                # The hot path: every slot freed, then one report for the batch.
+                pop = inflight.pop
+                done = [pop(t, None) for t in range(tid, tid + len(values))]
+                if None in done:  # some were timed out or taken back already
+                    pairs = [(a, v) for a, v in zip(done, values) if a is not None]
+                    done, values = [a for a, _ in pairs], [v for _, v in pairs]
+                self._held -= len(done)
+                self._sink.ok_many(done, values)
             else:
                 self._deliver(w, [(t, OK, v) for t, v in enumerate(values, tid)])
         else:
@@ -545,7 +578,13 @@ class ProcessExecutor(Executor):
         i = dead.index
         while not self._closed:
             try:
-                w = self._spawn(i)
+                spare = self._backend.take_spare(self._loop) if self._backend is not None else None
+                if spare is not None:  # booted already, never ran user code: only the hello to send
+                    spare.index = i
+                    self._procs.add(spare)
+                    self._workers[i] = w = spare
+                else:
+                    w = self._spawn(i)
                 await w.handshake(self._hellos[i])
             except Exception as exc:  # noqa: BLE001 - counted; after too many, the waiting items fail
                 w_now = self._workers[i]
@@ -640,12 +679,59 @@ class ProcessBackend(Backend):
 
     The processes of every stage of a run are started as soon as the run plans its
     stages (``executor()``), so they boot in parallel while the stages are set up.
+
+    **Warm spares.** Replacing a worker (a crash, a ``timeout``) costs a fresh
+    interpreter's start-up, ~50 ms here. After the first replacement in a run the
+    backend keeps one spare process booted (worker code loaded, no function yet)
+    for whichever stage of the run needs the next replacement: that one then only
+    waits for its function to load. Only processes that never ran user code are
+    shared between stages; a worker that ran a stage's function is never handed to
+    another (module state, threads or files it left behind stay with it). Spares
+    end with the run, like every worker.
     """
 
     name = "process"
 
+    def __init__(self) -> None:
+        self._spares: deque[WorkerProc] = deque()
+        self._every_spare: set[WorkerProc] = set()  # not yet reaped, handed out or not
+        self.spares_used = 0  # replacements that took a warm spare (statistics, tests)
+
+    def take_spare(self, loop: asyncio.AbstractEventLoop) -> WorkerProc | None:
+        """A booted spare for a replacement, or None; either way one more starts booting."""
+        spare = None
+        while self._spares and spare is None:
+            w = self._spares.popleft()
+            if w.eof or w.detached or w.proc.poll() is not None:  # died while waiting: not usable
+                w.reap()
+                self._every_spare.discard(w)
+            else:
+                spare = w
+        if spare is not None:
+            self._every_spare.discard(spare)  # its executor reaps it from now on
+            self.spares_used += 1
+        try:
+            w = WorkerProc(loop, -1)
+        except Exception:  # noqa: BLE001 - no spare this time; replacements still spawn their own
+            log.debug("could not boot a spare worker process", exc_info=True)
+        else:
+            self._spares.append(w)
+            self._every_spare.add(w)
+        return spare
+
+    async def aclose(self) -> None:
+        spares, self._every_spare = list(self._every_spare), set()
+        self._spares.clear()
+        for w in spares:
+            w.detach()  # the lifeline closes: it exits at once
+        try:
+            await asyncio.gather(*(w.wait_exit(CLOSE_GRACE_S) for w in spares))
+        finally:
+            for w in spares:
+                w.reap()
+
     def executor(self, spec: StageSpec) -> Executor:
-        ex = ProcessExecutor(spec)
+        ex = ProcessExecutor(spec, self)
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no loop: start() spawns them

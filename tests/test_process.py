@@ -153,6 +153,20 @@ def test_results_correct_and_ordered_in_worker_processes() -> None:
     assert 1 <= len(pids) <= 2
 
 
+def scheduling_policy(_: Any) -> tuple[int, int]:
+    return os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux-only")
+def test_workers_run_as_batch_processes_at_the_parents_priority() -> None:
+    """Workers use SCHED_BATCH (a message to one does not preempt the parent) and keep its nice level."""
+    stage = work_pool(scheduling_policy, multi_proc=True, num_workers=2, buffer=2)
+    out = unwrap((Pipeline(range(6)) >> stage).run_sync())
+    assert set(out) == {(os.SCHED_BATCH, os.getpriority(os.PRIO_PROCESS, 0))}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the parent is left alone
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "fn, expected",
@@ -284,6 +298,42 @@ def test_worker_exit_mid_item_costs_one_attempt_and_is_retried() -> None:
     """os._exit mid-item: that attempt fails with WorkerDied; with retries=2 the item then succeeds."""
     stage = work_pool(crash_on_first_attempt, multi_proc=True, num_workers=2, retries=2, buffer=4)
     assert unwrap((Pipeline(range(20)) >> stage).run_sync()) == list(range(20))
+
+
+def crash_first_attempts_below_4(x: int) -> tuple[int, int]:
+    if x < 4 and current_worker().attempt == 1:
+        os._exit(9)
+    return x, os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_replacements_after_the_first_take_a_warm_spare_shared_by_the_stages() -> None:
+    """Four crashes in each of two stages: the first replacement spawns; the other seven take a warm spare.
+
+    Spares never ran user code; the pids show no worker ran both stages' functions,
+    and the no_children fixture checks that the last spare ended with the run.
+    """
+    from pypline.backends.process import ProcessBackend
+
+    backend = ProcessBackend()
+    a = work_pool(crash_first_attempts_below_4, multi_proc=True, num_workers=1, retries=2, buffer=1)
+    b = work_pool(crash_first_attempts_below_4, multi_proc=True, num_workers=1, retries=2, buffer=1)
+    first = (Pipeline(range(8)) >> a).run_sync(executor=backend)
+    assert [x for x, _ in unwrap(first)] == list(range(8))
+    assert backend.spares_used == 3
+
+    backend = ProcessBackend()
+    pids_a: list[int] = []
+
+    def keep_pid(r: tuple[int, int]) -> int:
+        pids_a.append(r[1])
+        return r[0]
+
+    both = Pipeline(range(8)) >> a >> work_pool(keep_pid, buffer=1) >> b
+    out = unwrap(both.run_sync(executor=backend))
+    assert [x for x, _ in out] == list(range(8))
+    assert backend.spares_used == 7  # 4 + 4 replacements, the first of the run spawned
+    assert set(pids_a).isdisjoint(pid for _, pid in out)
 
 
 @pytest.mark.timeout(60)

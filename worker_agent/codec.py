@@ -20,7 +20,7 @@ import io
 import pickle
 import sys
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,11 +278,14 @@ def _buf(frame: Any) -> Any:
     return frame.buffer if hasattr(frame, "buffer") else frame
 
 
-def decode_values(index: Index, frames: Sequence[Any]) -> list[Any]:
+def decode_values(index: Index, frames: Sequence[Any], raw: Callable[[Any, bool], Any] | None = None) -> list[Any]:
     """The values of a batch, in index order; a value that cannot be decoded becomes an ``Undecodable``.
 
     ``frames`` are the payload frames after the header (index, inline, extras...).
     Raises ``ProtocolError`` if the inline list is not a list of the right length.
+    With ``raw``, a RAW_BYTES / RAW_BYTEARRAY value is ``raw(buffer, is_bytearray)``
+    instead of a copy of its frame (the agent hands the frame's memory on: its
+    process backend copies it once, into the worker's shared memory).
     """
     try:
         inline = pickle.loads(_buf(frames[1]))
@@ -307,10 +310,10 @@ def decode_values(index: Index, frames: Sequence[Any]) -> list[Any]:
                 out.append(Undecodable(exc))
             fi += 1 + nb
         elif e == ENC_RAW_BYTES:
-            out.append(bytes(_buf(frames[fi])))
+            out.append(bytes(_buf(frames[fi])) if raw is None else raw(_buf(frames[fi]), False))
             fi += 1
         elif e == ENC_RAW_BYTEARRAY:
-            out.append(bytearray(_buf(frames[fi])))
+            out.append(bytearray(_buf(frames[fi])) if raw is None else raw(_buf(frames[fi]), True))
             fi += 1
         else:
             out.append(None)

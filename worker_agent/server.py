@@ -95,6 +95,14 @@ def _make_backend(name: str) -> tuple[str, Callable[[], Backend]]:
     return "asyncio", AsyncioBackend
 
 
+def _raw_values() -> Callable[[Any, bool], Any] | None:
+    try:
+        from pypline.backends.process import RawValue  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # pragma: no cover - an older process backend: plain copies
+        return None
+    return RawValue  # type: ignore[no-any-return,unused-ignore]
+
+
 class Agent:
     """The daemon's state. ``await Agent(config).serve()`` runs until drained."""
 
@@ -109,6 +117,10 @@ class Agent:
         self.instance = uuid.uuid4().hex
         self.backend_name, factory = _make_backend(config.backend)
         self.backend: Backend = factory()  # one local backend for the agent's life: opened in serve()
+        #: How a big bytes/bytearray item is handed to the backend: the process backend
+        #: takes the received frame's memory as it is (one copy, into the worker's shared
+        #: memory); others get a bytes/bytearray copy.
+        self._raw: Callable[[Any, bool], Any] | None = _raw_values() if self.backend_name == "process" else None
         self.sessions: dict[bytes, Session] = {}
         self.stages = StageStarter(self)
         self.draining = False
@@ -459,7 +471,7 @@ class Agent:
             raise P.ProtocolError(f"TASKS for stage {h['sid']} which is not running here")
         n = h["n"]
         index = P.Index.parse(body[1].buffer, n, len(body) - 3, results=False)
-        values = P.decode_values(index, body[1:])
+        values = P.decode_values(index, body[1:], self._raw)
         self.counters["tasks"] += n
         tasks: list[Task] = []
         nw = host.spec.num_workers
