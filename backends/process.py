@@ -3,9 +3,10 @@
 How an item flows::
 
     StageRunner.submit([a, b, ...]) ─► queue (or worker i's own queue, fork mode)
-           │ one dispatch per loop tick (call_soon): each ready worker gets up to its free
-           │ credits, the least loaded first; items are encoded (cloudpickle, protocol 5,
-           ▼ big buffers as raw frames) into ONE "tasks" message per worker
+           │ one dispatch per loop tick (call_soon, or at once on the engine's flush()):
+           │ the least loaded worker first, up to its free credits; items are encoded
+           │ (cloudpickle, protocol 5; buffers >= 64 KiB copied once into the worker's
+           ▼ shared-memory arena, else raw frames) into ONE "tasks" message per worker
     WorkerProc.send ── socketpair ──► worker process: runs them one at a time, FIFO
                                       (_procworker: def directly, async def on its own loop,
                                       generators stream each value back)
