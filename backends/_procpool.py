@@ -58,7 +58,7 @@ import asyncio
 import bisect
 import functools
 import inspect
-import json
+import marshal
 import mmap
 import os
 import pickle
@@ -114,10 +114,15 @@ ARENA_BYTES = 256 * 1024 * 1024
 # The worker's first line of Python: restore the parent's sys.path and load the
 # worker module by its path, as a top-level module (importing it as
 # pypline.backends._procworker would import all of pypline first).
+# What a worker runs: load _procworker.py by path (through its .pyc) and call main().
+# Only modules a fresh interpreter has already loaded (marshal is built in, importlib's
+# machinery frozen), so the boot costs no imports: json would pull in re, and
+# importlib.util contextlib, ~4-7 ms of every worker start.
 _BOOT = (
-    "import sys, json, importlib.util as u; p, f = json.loads(sys.argv[1]); sys.path[:] = p; "
-    "s = u.spec_from_file_location('_pypline_procworker', f); m = u.module_from_spec(s); "
-    "sys.modules[s.name] = m; s.loader.exec_module(m); m.main(sys.argv[2:])"
+    "import sys, marshal, importlib.machinery as im; p, f = marshal.loads(bytes.fromhex(sys.argv[1])); "
+    "sys.path[:] = p; n = '_pypline_procworker'; l = im.SourceFileLoader(n, f); "
+    "s = im.ModuleSpec(n, l, origin=f); s.has_location = True; m = type(sys)(n); "
+    "m.__spec__, m.__loader__, m.__file__ = s, l, f; sys.modules[n] = m; l.exec_module(m); m.main(sys.argv[2:])"
 )
 _WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_procworker.py")
 _SLOT = struct.Struct("<Q")
@@ -324,7 +329,7 @@ class WorkerProc:
                 sys.executable,
                 "-c",
                 _BOOT,
-                json.dumps([[str(p) for p in sys.path], _WORKER_FILE]),
+                marshal.dumps(([str(p) for p in sys.path], _WORKER_FILE)).hex(),
                 str(child.fileno()),
                 str(life_r),
                 str(slot_fd),

@@ -71,7 +71,6 @@ import struct
 import sys
 import threading
 import time
-import traceback
 import types
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -551,6 +550,8 @@ def exception_fields(exc: BaseException) -> tuple[str, str, str]:
     except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
         message = f"<{cls.__qualname__} with unprintable message>"
     try:
+        import traceback  # only when an error is reported: not on every worker's start
+
         tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
     except Exception:  # noqa: BLE001 - the message alone will do
         tb = f"{name}: {message}\n"
