@@ -165,6 +165,83 @@ def engine_floor(items: Any, buffer: int) -> list[Any]:
     return unwrap((Pipeline(items) >> stage).run_sync(executor=_null_backend()))  # type: ignore[no-any-return]
 
 
+def _recv_msg(sock: Any) -> bytes:
+    """One length-prefixed message (4-byte little-endian length, then the bytes)."""
+    head = b""
+    while len(head) < 4:
+        chunk = sock.recv(4 - len(head))
+        if not chunk:
+            raise EOFError
+        head += chunk
+    size = int.from_bytes(head, "little")
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise EOFError
+        got += n
+    return bytes(buf)
+
+
+def _send_msg(sock: Any, data: bytes) -> None:
+    sock.sendall(len(data).to_bytes(4, "little") + data)
+
+
+def _echo_worker(sock: Any, inherited: list[Any]) -> None:
+    import pickle
+
+    for other in inherited:  # the parent's ends, copied by fork: else no worker would see EOF
+        other.close()
+    try:
+        while True:
+            items = pickle.loads(_recv_msg(sock))
+            _send_msg(sock, pickle.dumps(items, protocol=5))
+    except (EOFError, OSError):
+        pass
+
+
+def raw_in_flight(items: Any, in_flight: int) -> list[Any]:
+    """The floor for a bounded window: pickled lists over socketpairs to WORKERS echo
+    processes, never more than ``in_flight`` items out (no engine, no functions,
+    ordering or fault handling). Each worker gets ``in_flight // WORKERS`` at a time."""
+    import pickle
+    import selectors
+    import socket
+
+    items = list(items)
+    k = max(1, in_flight // WORKERS)
+    ctx = multiprocessing.get_context("fork")
+    pairs = [socket.socketpair() for _ in range(WORKERS)]
+    socks = [parent for parent, _ in pairs]
+    procs = [ctx.Process(target=_echo_worker, args=(child, socks), daemon=True) for _, child in pairs]
+    for p in procs:
+        p.start()
+    for _, child in pairs:
+        child.close()
+    sel = selectors.DefaultSelector()
+    out: list[Any] = []
+    nxt = 0
+    try:
+        for s in socks:
+            _send_msg(s, pickle.dumps(items[nxt : nxt + k], protocol=5))
+            nxt += k
+            sel.register(s, selectors.EVENT_READ)
+        while len(out) < len(items):
+            for key, _ in sel.select():
+                s = key.fileobj
+                out.extend(pickle.loads(_recv_msg(s)))
+                if nxt < len(items):
+                    _send_msg(s, pickle.dumps(items[nxt : nxt + k], protocol=5))
+                    nxt += k
+    finally:
+        for s in socks:
+            s.close()
+        for p in procs:
+            p.join(5)
+    return out
+
+
 def pool_map(fn: Callable[..., Any], items: Any, chunksize: int | None = None) -> list[Any]:
     with multiprocessing.Pool(WORKERS) as pool:
         return pool.map(fn, items, chunksize)
@@ -281,6 +358,11 @@ def w4(runs: int, quick: bool) -> list[str]:
         Row("Pool.imap(chunksize=256)", lambda k: pool_imap(identity, range(k), 256), check),
         Row("ProcessPoolExecutor.map(chunksize=256)", lambda k: ppe_map(identity, range(k), 256), check),
         Row("engine alone: null executor, no processes (buffer=1024)", lambda k: engine_floor(range(k), 1024), check),
+        Row(
+            "floor at the default buffer: raw socketpair echo, 20 items in flight (no engine)",
+            lambda k: raw_in_flight(range(k), 20),
+            lambda out, k: sorted(out) == list(range(k)),
+        ),
     ]
     print(f"W4: {n} items", file=sys.stderr)
     measure(rows, n, runs, warm_n=100)
