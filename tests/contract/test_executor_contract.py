@@ -412,6 +412,29 @@ def test_unknown_or_late_reports_are_tolerated_by_the_engine(arun: Any) -> None:
     assert all(e.capacity_violations == 0 for e in backend.executors)
 
 
+def test_flush_is_a_hint_that_never_reports(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """flush() after a burst of submits calls no sink method itself; every attempt still gets one report."""
+
+    async def main() -> None:
+        backend = backend_factory()
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=2, multi_proc=True)(add_one)))
+        try:
+            attempts = [Attempt(x, None, 1) for x in range(min(8, ex.capacity()))]
+            sink.in_submit = True
+            ex.submit(attempts)
+            ex.flush()
+            ex.flush()  # twice: harmless
+            sink.in_submit = False
+            await sink.wait_reports(attempts)
+            assert [sink.terminal[id(a)] for a in attempts] == [[("ok", x + 1)] for x in range(len(attempts))]
+            assert sink.reentrant == 0
+            ex.flush()  # with nothing submitted
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
+
+
 def test_submit_one_behaves_like_submit(backend_factory: Callable[[], Backend], arun: Any) -> None:
     """submit_one(a) takes one unit of capacity and reports exactly like submit([a])."""
 
