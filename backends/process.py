@@ -57,6 +57,7 @@ import logging
 import pickle
 from collections import deque
 from collections.abc import Sequence
+from itertools import repeat
 from operator import attrgetter
 from typing import Any
 
@@ -126,6 +127,7 @@ _DIED = -1  # pseudo outcome code: the worker's end of the stream
 _FIRST = frozenset({1})
 _ANY_WORKER = frozenset({None})
 _WORKER = attrgetter("worker")
+_ITEM = attrgetter("item")
 _NUMBER = attrgetter("number")
 
 
@@ -332,7 +334,7 @@ class ProcessExecutor(Executor):
             w.last_progress = self._loop.time()
         first = tid = self._tid + 1
         if timeout is None:
-            items = [a.item for a in batch]
+            items = list(map(_ITEM, batch))
             if _INLINE_TYPES.issuperset(map(type, items)) and _FIRST.issuperset(map(_NUMBER, batch)):
                 # The common case (small builtin items, first attempts): no per-item work here.
                 inflight.update(zip(range(first, first + len(items)), batch))
@@ -405,8 +407,8 @@ class ProcessExecutor(Executor):
             tid, values = rest
             if w.backlog is None and not self._timers:
                 # The hot path: every slot freed, then one report for the batch.
-                pop = inflight.pop
-                done = [pop(t, None) for t in range(tid, tid + len(values))]
+                n = len(values)
+                done = list(map(inflight.pop, range(tid, tid + n), repeat(None, n)))
                 if None in done:  # some were timed out or taken back already
                     pairs = [(a, v) for a, v in zip(done, values) if a is not None]
                     done, values = [a for a, _ in pairs], [v for _, v in pairs]

@@ -699,7 +699,7 @@ class Run:
         if self.ordered:
             keys = self.keys
             order = sorted(range(len(keys)), key=keys.__getitem__)
-            outputs = [outputs[i] for i in order]
+            outputs = list(map(outputs.__getitem__, order))
         if self.failures or self.cause is not None:
             failures = sorted(self.failures, key=lambda f: f.index)
             return Err(PipelineError(failures=failures, outputs=outputs, cause=self.cause))
