@@ -55,8 +55,8 @@ class _Env(Attempt):
     def __init__(self, src: _Env | None, path: tuple[int, ...], value: Any, index: int = -1) -> None:
         self.item = value
         self.worker = None
-        self.number = 1
-        self._job = None
+        self.number = 1  # an envelope is always a first attempt (retries are new Attempts)
+        self._job = self  # in a plain stage the envelope is its own job (cleared by _run._retire)
         self._settled = True
         self._owner = None
         self.src = self if src is None else src
@@ -226,7 +226,7 @@ class StageRunner(_Inbox, OutcomeSink):
         if self.plain and not (self.inbox or self.parked or self.ready or self.stopping):
             ex = self.ex
             if ex.capacity() > 0:  # the hot path: straight to the executor
-                env.number, env._job, env._settled, env._owner = 1, env, False, self
+                env._settled, env._owner = False, self
                 ex.submit_one(env)
                 return
         self.inbox.append(env)
@@ -240,7 +240,7 @@ class StageRunner(_Inbox, OutcomeSink):
             ex = self.ex
             if ex.capacity() >= n:  # the hot path: the whole run straight to the executor
                 for env in envs:
-                    env.number, env._job, env._settled, env._owner = 1, env, False, self
+                    env._settled, env._owner = False, self
                 ex.submit(envs)
                 return
         self.inbox.extend(envs)
@@ -274,13 +274,13 @@ class StageRunner(_Inbox, OutcomeSink):
                 return
             if cap == 1 or len(inbox) == 1:  # the hot path: one slot just came free
                 env = inbox.popleft()
-                env.number, env._job, env._settled, env._owner = 1, env, False, self
+                env._settled, env._owner = False, self
                 ex.submit((env,))
             else:
                 k = min(cap, len(inbox))
                 envs = [inbox.popleft() for _ in range(k)]
                 for e in envs:
-                    e.number, e._job, e._settled, e._owner = 1, e, False, self
+                    e._settled, e._owner = False, self
                 ex.submit(envs)
         else:
             self._dispatch_general(cap)
@@ -306,7 +306,7 @@ class StageRunner(_Inbox, OutcomeSink):
             elif inbox:
                 env = inbox.popleft()
                 if self.plain:
-                    env.number, env._job, env._settled, env._owner = 1, env, False, self
+                    env._settled, env._owner = False, self
                     batch.append(env)
                     cap -= 1
                     continue
@@ -427,7 +427,7 @@ class StageRunner(_Inbox, OutcomeSink):
             inbox = self.inbox
             if inbox and not self.parked and not self.stopping and not self.ready and self.ex.capacity() > 0:
                 env = inbox.popleft()
-                env.number, env._job, env._settled, env._owner = 1, env, False, self
+                env._settled, env._owner = False, self
                 self.ex.submit_one(env)
             elif self.ready:
                 self._dispatch()
