@@ -158,10 +158,13 @@ def test_a_source_failing_inside_a_run_keeps_what_came_before() -> None:
 def test_finished_items_are_freed_without_the_cycle_collector(mode: str) -> None:
     """Envelopes are freed by reference counting once delivered: no garbage cycle per item.
 
-    With the collector off during the run, whatever cycles the run leaves behind are
-    what ``gc.collect()`` finds afterwards; a cycle per item would be thousands.
+    With the collector off during the run, the envelopes left in cycles are what a
+    collection afterwards finds (kept in ``gc.garbage`` by DEBUG_SAVEALL, so other
+    threads' garbage does not count); a cycle per item would be thousands.
     """
     import gc
+
+    from pypline._stage_runner import _Env
 
     backend = BatchBackend(capacity=64)
     stages = Pipeline(range(3000)) >> work_pool(inc, num_workers=2, buffer=30, multi_proc=True) >> work_pool(inc)
@@ -172,6 +175,7 @@ def test_finished_items_are_freed_without_the_cycle_collector(mode: str) -> None
 
     gc.collect()
     gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         if mode == "stream":
             out = asyncio.run(streamed())
@@ -179,7 +183,10 @@ def test_finished_items_are_freed_without_the_cycle_collector(mode: str) -> None
             out = unwrap(stages.run_sync(executor=backend, ordered=mode == "run-ordered"))
         assert sorted(out) == [x + 2 for x in range(3000)]
         del out
-        found = gc.collect()
+        gc.collect()
+        envelopes = sum(1 for o in gc.garbage if type(o) is _Env)
     finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
         gc.enable()
-    assert found < 100, f"{found} objects were only collectable as cycles"
+    assert envelopes == 0, f"{envelopes} envelopes were only collectable as cycles"
