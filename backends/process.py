@@ -647,13 +647,10 @@ class ProcessExecutor(Executor):
         try:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            procs = list(self._procs)
-            for w in procs:
-                w.detach()
-            await asyncio.gather(*(w.wait_exit(CLOSE_GRACE_S) for w in procs))
+            await _stop_processes(list(self._procs))
         finally:
             for w in list(self._procs):
-                w.reap()  # SIGKILL what is left, and wait for it: no zombie, no orphan
+                w.reap()  # SIGKILL what is left (started meanwhile), and wait for it
             self._procs.clear()
             self._workers = [None] * self._n
             self._cap_total = 0
@@ -675,6 +672,18 @@ class ProcessExecutor(Executor):
             workers_replaced=self._replaced,
             **extra,
         )
+
+
+async def _stop_processes(procs: list[WorkerProc]) -> None:
+    """Close their lifelines (each exits at once), wait up to CLOSE_GRACE_S, then SIGKILL
+    and reap what is left: no zombie, no orphan."""
+    for w in procs:
+        w.detach()
+    try:
+        await asyncio.gather(*(w.wait_exit(CLOSE_GRACE_S) for w in procs))
+    finally:
+        for w in procs:
+            w.reap()
 
 
 class ProcessBackend(Backend):
@@ -725,13 +734,7 @@ class ProcessBackend(Backend):
     async def aclose(self) -> None:
         spares, self._every_spare = list(self._every_spare), set()
         self._spares.clear()
-        for w in spares:
-            w.detach()  # the lifeline closes: it exits at once
-        try:
-            await asyncio.gather(*(w.wait_exit(CLOSE_GRACE_S) for w in spares))
-        finally:
-            for w in spares:
-                w.reap()
+        await _stop_processes(spares)
 
     def executor(self, spec: StageSpec) -> Executor:
         ex = ProcessExecutor(spec, self)

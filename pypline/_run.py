@@ -170,46 +170,20 @@ class _Collector(_Inbox):
 
     def push_many(self, envs: list[_Env]) -> None:
         run = self.run
-        if run.streaming:
+        if run.streaming or run.paths:
             for env in envs:
-                run._deliver(env)
+                self.push(env)
             return
-        outputs = run.outputs
-        if not run.paths:
-            # No flat-map stage: every envelope is its source item's only one (its own
-            # root, live == 1), so each delivery returns one permit.
-            outputs.extend(map(_ITEM, envs))
-            if run.ordered:
-                run.keys.extend(map(_INDEX, envs))
-            for env in envs:  # see _retire
-                env.live = 0
-                env._job = None
-                env.src = _RETIRED
-            run._release(len(envs))
-            return
-        released = 0
+        # run() with no flat-map stage: every envelope is its source item's only one (its
+        # own root, live == 1), so each delivery returns one permit.
+        run.outputs.extend(map(_ITEM, envs))
         if run.ordered:
-            keys, paths = run.keys, run.paths
-            for env in envs:
-                src = env.src
-                keys.append((src.index, env.path) if paths else src.index)
-                outputs.append(env.item)
-                src.live -= 1
-                env._job = None
-                if not src.live:
-                    _retire(src)
-                    released += 1
-        else:
-            for env in envs:
-                src = env.src
-                outputs.append(env.item)
-                src.live -= 1
-                env._job = None
-                if not src.live:
-                    _retire(src)
-                    released += 1
-        if released:
-            run._release(released)
+            run.keys.extend(map(_INDEX, envs))
+        for env in envs:  # see _retire
+            env.live = 0
+            env._job = None
+            env.src = _RETIRED
+        run._release(len(envs))
 
     def add_space_listener(self, callback: Callable[[], None]) -> None:  # pragma: no cover - never full
         self.run.loop.call_soon(callback)
