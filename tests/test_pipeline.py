@@ -520,6 +520,25 @@ def test_run_sync_works_from_sync_code() -> None:
     assert sorted(unwrap(result)) == [0, 2, 4, 6, 8]
 
 
+class _CountedRepr:
+    reprs = 0
+
+    def __repr__(self) -> str:
+        type(self).reprs += 1
+        return "_CountedRepr()"
+
+
+@pytest.mark.timeout(30)
+def test_run_sync_never_formats_the_outputs() -> None:
+    """run_sync() hands the result back without repr()-ing it: asyncio.run() (3.11+)
+    formats its main task's repr, which would cost a repr of every output."""
+    items = [_CountedRepr() for _ in range(3)]
+    _CountedRepr.reprs = 0
+    result = (Pipeline(items) >> work_pool(lambda x: x)).run_sync()
+    assert unwrap(result) == items
+    assert _CountedRepr.reprs == 0
+
+
 @pytest.mark.timeout(30)
 def test_run_sync_inside_a_running_loop_is_a_runtime_error(arun: Any) -> None:
     """run_sync() inside a running loop raises RuntimeError pointing at `await pipeline.run()`."""
