@@ -452,7 +452,7 @@ class WorkerProc:
                 return
             for frames in msgs:
                 self.on_message(self, frames)
-            if not self.reading:  # paused by the handler (a generator's outputs wait)
+            if not self.reading or reader.drained:  # paused by the handler, or nothing more to read now
                 return
 
     # --- the running task, read from shared memory --------------------------------------

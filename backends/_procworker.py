@@ -433,7 +433,9 @@ class FrameReader:
     list of frames: ``bytes`` for small ones, a ``bytearray`` of its own for big
     ones, an ``InArena`` view for one the sender put in ``arena``). On a
     non-blocking socket it raises ``BlockingIOError`` when nothing is there; at the
-    end of the stream it raises ``EOFError``.
+    end of the stream it raises ``EOFError``. ``drained`` tells whether that recv
+    got less than it asked for: then the socket was empty, and a caller woken by a
+    level-triggered poll need not try again just to get ``BlockingIOError``.
     """
 
     def __init__(self, sock: socket.socket, arena: memoryview | None = None) -> None:
@@ -449,13 +451,16 @@ class FrameReader:
         self.big: bytes | bytearray | None = None
         self.big_view: memoryview | None = None
         self.big_off = 0
+        self.drained = False
 
     def read(self, flags: int = 0) -> list[list[Any]]:
         if self.big is not None:
             assert self.big_view is not None
+            want = len(self.big) - self.big_off
             n = self.sock.recv_into(self.big_view[self.big_off :], 0, flags)
             if not n:
                 raise EOFError
+            self.drained = n < want
             self.big_off += n
             if self.big_off < len(self.big):
                 return []
@@ -468,10 +473,12 @@ class FrameReader:
             left = self.end - self.start
             self.view[:left] = self.view[self.start : self.end]
             self.start, self.end = 0, left
+        want = len(self.buf) - self.end
         n = self.sock.recv_into(self.view[self.end :], 0, flags)
         if not n:
             raise EOFError
         self.end += n
+        self.drained = n < want
         return self._parse()
 
     def _parse(self) -> list[list[Any]]:
@@ -672,6 +679,8 @@ class _Worker:
         self.slot = ctypes.c_uint64.from_buffer(slot)  # one store per task, no system call
         self.parent = parent
         self.reader = FrameReader(sock, memoryview(arena) if arena is not None else None)
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
         self._encoder: Encoder | None = None  # built on first use: imports cloudpickle
         self.queue: deque[tuple[int, int, Any]] = deque()  # (tid, attempt, item or (tag, data))
         self.frames_of: dict[int, list[Any]] = {}  # tid -> its message's frames, for non-inline items
@@ -867,11 +876,21 @@ class _Worker:
 
     # -- messages from the parent ------------------------------------------------------
     def receive(self) -> None:
-        """Block until at least one message came, and handle it."""
+        """Block until at least one message came, and handle it.
+
+        It waits in ``poll(POLLIN)``, not in a blocking ``recv``: Linux wakes a task
+        blocked in ``recv`` on a Unix socket also whenever the peer reads what this
+        side sent (``unix_write_space``), i.e. once per batch of results, and on a
+        small machine each such empty wake-up costs both processes a context switch.
+        A poll waiter is woken only for data.
+        """
         with self.read_lock:
             while True:
                 try:
-                    msgs = self.reader.read()
+                    msgs = self.reader.read(socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    self.poller.poll()
+                    continue
                 except (EOFError, ConnectionError, OSError):
                     _exit_now()
                 if msgs:
