@@ -185,7 +185,7 @@ class _Collector(_Inbox):
             env.src = _RETIRED
         run._release(len(envs))
 
-    def add_space_listener(self, callback: Callable[[], None]) -> None:  # pragma: no cover - never full
+    def add_space_listener(self, callback: Callable[[], None], inline: bool = False) -> None:  # pragma: no cover - never full
         self.run.loop.call_soon(callback)
 
     def close_input(self) -> None:
@@ -238,6 +238,10 @@ class Run:
         "keys",
         "paths",
         "pull_batch",
+        "first",
+        "sync_it",
+        "reporting",
+        "refill_due",
     )
 
     def __init__(
@@ -277,6 +281,12 @@ class Run:
         self.keys: list[Any] = []
         self.paths = any(s.fork_merge is None and s.workers[0].kind.is_generator for s in self.specs)
         self.pull_batch = 1  # items the pump pulls from a sync source at a time (adapts)
+        # A sync source is also refilled inline, at the end of a batch report
+        # (StageRunner.ok_many), instead of waking the pump task: see _refill_inline.
+        self.first: _Inbox | None = None
+        self.sync_it: Iterator[Any] | None = None  # set while the pump serves a sync source
+        self.reporting = False  # inside a batch report that refills at its end
+        self.refill_due = False
         self.failures: list[ItemFailure] = []
         self.cause: BaseException | None = None
         self.source_failure: ItemFailure | None = None
@@ -398,6 +408,9 @@ class Run:
             except Exception as exc:
                 self._source_failed(index, exc)
                 return
+            if it is not None:
+                await self._pump_sync(first, it)
+                return
             while True:
                 if self.permits <= 0:
                     first.flush()
@@ -406,25 +419,6 @@ class Run:
                         self.consumer_waited += 1  # results sit untaken: the consumer is the limit
                     self.pump_waiter = loop.create_future()
                     await self.pump_waiter
-                    continue
-                if it is not None:  # a sync source: pull a run of items, push them at once
-                    room = first.limit - first.held
-                    if room <= 0:
-                        first.flush()
-                        self.pulled = index
-                        await _wait_for_space(loop, first)
-                        continue
-                    envs, failure = self._pull_run(it, index, min(self.permits, room))
-                    if envs:
-                        index += len(envs)
-                        self.permits -= len(envs)
-                        if self.streaming and self.ordered:
-                            self.order.extend(envs)
-                        first.push_many(envs)
-                    if failure is not None:
-                        if failure is not _EXHAUSTED:
-                            self._source_failed(index, failure)
-                        break
                     continue
                 try:
                     self.pulled = index
@@ -438,10 +432,10 @@ class Run:
                 self.permits -= 1
                 env = _Env(None, (), value, index)
                 index += 1
+                self.pulled = index
                 if self.streaming and self.ordered:
                     self.order.append(env)
                 if not first.has_space():
-                    self.pulled = index
                     await _wait_for_space(loop, first)
                 first.push(env)
         except asyncio.CancelledError:
@@ -452,9 +446,95 @@ class Run:
                     pass
             raise
         finally:
-            self.pulled = index
             if not self.stopping:
                 first.close_input()
+
+    async def _pump_sync(self, first: _Inbox, it: Iterator[Any]) -> None:
+        """Feed a sync source into the first stage, as far as permits and its room allow.
+
+        Between pulls the pump waits on ``pump_waiter``, woken when a quarter of the
+        permits are back (``_release``) or the first stage has drained to its low
+        water (``_space_back``). While it waits, a batch report refills inline
+        (``_refill_inline``): the run of items goes out in the same loop iteration
+        as the results that made room for it, with no task wake-up in between.
+        """
+        self.first, self.sync_it = first, it
+        try:
+            while not self._pull_sync():
+                first.flush()
+                if self.permits <= 0 and self.streaming and self.ready:
+                    self.consumer_waited += 1  # results sit untaken: the consumer is the limit
+                self.pump_waiter = waiter = self.loop.create_future()
+                if self.permits > 0:  # it is the first stage's room that ran out
+                    first.add_space_listener(self._space_back, inline=True)
+                await waiter
+        finally:
+            self.sync_it = None
+            self.pump_waiter = None
+
+    def _pull_sync(self) -> bool:
+        """Pull runs from the sync source into the first stage while permits and room
+        last; True once the source is finished (exhausted or failed)."""
+        it, first = self.sync_it, self.first
+        if it is None or first is None:
+            return True
+        while True:
+            k = min(self.permits, first.limit - first.held)
+            if k <= 0:
+                return False
+            envs, failure = self._pull_run(it, self.pulled, k)
+            if envs:
+                self.pulled += len(envs)
+                self.permits -= len(envs)
+                if self.streaming and self.ordered:
+                    self.order.extend(envs)
+                first.push_many(envs)
+            if failure is not None:
+                self.sync_it = None
+                if failure is not _EXHAUSTED:
+                    self._source_failed(self.pulled, failure)
+                return True
+
+    def _space_back(self) -> None:
+        """The first stage drained to its low water (called at once, see _pump_sync)."""
+        w = self.pump_waiter
+        if w is None or w.done():
+            return
+        if self.reporting:  # the batch report that made the room refills at its end
+            self.refill_due = True
+            return
+        self._wake_pump()
+
+    def _wake_pump(self) -> None:
+        w = self.pump_waiter
+        if w is not None:
+            self.pump_waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _refill_inline(self) -> None:
+        """At the end of a batch report that returned permits: pull the next run now.
+
+        Called by ``StageRunner.ok_many`` once its bookkeeping is done, so the first
+        stage's ``push_many`` (and the executor's ``submit``/``flush``) run from inside
+        the executor's callback, as any report's follow-up submits already do.
+        """
+        self.refill_due = False
+        w = self.pump_waiter
+        if w is None or w.done():  # the pump is awake: it pulls by itself
+            return
+        if self.stopping:
+            self._wake_pump()
+            return
+        try:
+            finished = self._pull_sync()
+        except BaseException:
+            self._wake_pump()
+            raise
+        if finished:  # the pump closes the first stage's input
+            self._wake_pump()
+        elif self.first is not None:
+            self.first.flush()
 
     def _pull_run(self, it: Iterator[Any], index: int, k: int) -> tuple[list[_Env], Exception | None]:
         """Up to ``k`` items from a sync source, as envelopes; and why it stopped early, if it did.
@@ -489,6 +569,9 @@ class Run:
         self.permits += n
         w = self.pump_waiter
         if w is not None and self.permits >= self.permit_low and not w.done():
+            if self.reporting:  # the batch report that returned them refills at its end
+                self.refill_due = True
+                return
             w.set_result(None)
             self.pump_waiter = None
 

@@ -105,7 +105,9 @@ class _Inbox:
         for env in envs:
             self.push(env)
 
-    def add_space_listener(self, callback: Callable[[], None]) -> None:
+    def add_space_listener(self, callback: Callable[[], None], inline: bool = False) -> None:
+        """Call ``callback`` once there is room again: on the next loop tick, or at once
+        (``inline``) for a callback that only wakes a waiter and never pushes."""
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -198,7 +200,7 @@ class StageRunner(_Inbox, OutcomeSink):
         self.lost_count = 0
         self.limit = spec.buffer + spec.num_workers
         self.timers: set[asyncio.TimerHandle] = set()
-        self.listeners: list[Callable[[], None]] = []
+        self.listeners: list[tuple[Callable[[], None], bool]] = []
         self.emit_waiters: list[asyncio.Future[None]] = []
         self.lost_info: dict[Any, list[str]] = {}  # job -> agents it was lost with
         self.waiting_space = False
@@ -249,10 +251,10 @@ class StageRunner(_Inbox, OutcomeSink):
     def flush(self) -> None:
         self.ex.flush()
 
-    def add_space_listener(self, callback: Callable[[], None]) -> None:
+    def add_space_listener(self, callback: Callable[[], None], inline: bool = False) -> None:
         self.times_full += 1
         self.queue_max = self.limit
-        self.listeners.append(callback)
+        self.listeners.append((callback, inline))
 
     def close_input(self) -> None:
         self.upstream_done = True
@@ -293,8 +295,11 @@ class StageRunner(_Inbox, OutcomeSink):
 
     def _notify_producers(self) -> None:
         listeners, self.listeners = self.listeners, []
-        for cb in listeners:
-            self.loop.call_soon(cb)
+        for cb, inline in listeners:
+            if inline:
+                cb()
+            else:
+                self.loop.call_soon(cb)
 
     def _dispatch_general(self, cap: int) -> None:
         ready, inbox = self.ready, self.inbox
@@ -462,6 +467,21 @@ class StageRunner(_Inbox, OutcomeSink):
             for a, v in zip(attempts, values):
                 self.ok(a, v)
             return
+        run = self.run
+        if run.reporting or run.sync_it is None:
+            self._ok_many(attempts, values)
+            return
+        # The outermost batch report while a sync source feeds the run: the permits it
+        # returns refill the first stage at its end, inline (Run._refill_inline).
+        run.reporting = True
+        try:
+            self._ok_many(attempts, values)
+        finally:
+            run.reporting = False
+            if run.refill_due:
+                run._refill_inline()
+
+    def _ok_many(self, attempts: Sequence[Attempt], values: Sequence[Any]) -> None:
         done: list[_Env] = []
         for a, v in zip(attempts, values):
             if a._settled or a._owner is not self:

@@ -190,3 +190,79 @@ def test_finished_items_are_freed_without_the_cycle_collector(mode: str) -> None
         gc.garbage.clear()
         gc.enable()
     assert envelopes == 0, f"{envelopes} envelopes were only collectable as cycles"
+
+
+class _Tracking(BatchBackend):
+    """Knows whether the engine is inside one of its executors' ``ok_many`` reports."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.answering = False
+
+    def executor(self, spec: StageSpec) -> Executor:
+        ex = super().executor(spec)
+        assert isinstance(ex, BatchExecutor)
+        answer = ex.answer
+
+        def tracked() -> None:
+            self.answering = True
+            try:
+                answer()
+            finally:
+                self.answering = False
+
+        ex.answer = tracked  # type: ignore[method-assign]
+        return ex
+
+
+def test_a_batch_report_refills_the_first_stage_inline() -> None:
+    """After the first fill, every pull from a sync source happens inside the report
+    whose results returned the permits (no pump wake-up in between), and the §2.6
+    bound still holds."""
+    backend = _Tracking(capacity=1000)
+    stage = work_pool(inc, num_workers=2, buffer=16, multi_proc=True)
+    bound = admission_bound([stage.spec])
+    inside = outside = delivered_ahead = 0
+
+    def source() -> Any:
+        nonlocal inside, outside, delivered_ahead
+        for i in range(3000):
+            if backend.answering:
+                inside += 1
+            else:
+                outside += 1
+            yield i
+
+    out = unwrap((Pipeline(source()) >> stage).run_sync(executor=backend))
+    assert out == [x + 1 for x in range(3000)]
+    first_fill = stage.spec.buffer + stage.spec.num_workers
+    assert outside <= first_fill
+    assert inside == 3000 - outside
+    assert backend.executors[0].max_held <= min(bound, first_fill)
+
+
+def test_a_source_failing_during_an_inline_refill_keeps_what_came_before() -> None:
+    """The failure is raised inside a report's inline refill: outputs before it are kept,
+    and stream() ends with the source's failure at its exact position."""
+
+    def source() -> Any:
+        yield from range(300)
+        raise ValueError("source broke at 300")
+
+    backend = _Tracking(capacity=1000)
+    stage = work_pool(inc, num_workers=2, buffer=10, multi_proc=True)
+    res = (Pipeline(source()) >> stage).run_sync(executor=backend)
+    assert isinstance(res, Err)
+    assert list(res.error.outputs) == [x + 1 for x in range(300)]
+    assert isinstance(res.error.cause, ValueError)
+
+    async def streamed() -> list[Any]:
+        async with (Pipeline(source()) >> stage).stream(executor=_Tracking(capacity=1000), ordered=True) as results:
+            return [r async for r in results]
+
+    got = asyncio.run(streamed())
+    assert [unwrap(r) for r in got[:-1]] == [x + 1 for x in range(300)]
+    last = got[-1]
+    assert isinstance(last, Err)
+    assert last.error.stage == "<source>" and last.error.index == 300
+    assert isinstance(last.error.error, ValueError)
