@@ -80,9 +80,11 @@ from ._procworker import (
     ARENA_TAIL,
     EMIT,
     ERROR,
+    IMMUTABLE,
     IOV_BATCH,
     REVOKE,
     FrameReader,
+    ONE_FRAME_HEAD,
     advance,
     arena_table_bytes,
     decode,
@@ -403,6 +405,22 @@ class WorkerProc:
         if self.detached:
             return
         out = self._out
+        if not out and len(frames) == 1 and type(frames[0]) is bytes:  # most messages: one pickled envelope
+            data = frames[0]
+            head = ONE_FRAME_HEAD.pack(1, len(data) | IMMUTABLE)
+            try:
+                sent = self.sock.sendmsg((head, data))
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:  # the worker is gone; the reader sees EOF and reports it
+                return
+            if sent == len(head) + len(data):
+                return
+            out.append(memoryview(head))
+            out.append(memoryview(data))
+            advance(out, sent)
+            self._write()
+            return
         out.append(memoryview(message_header(frames)))
         for f in frames:
             m = wire_view(f)

@@ -113,6 +113,7 @@ IOV_BATCH = 512
 
 _COUNT = struct.Struct("<I")
 _LEN = struct.Struct("<Q")
+ONE_FRAME_HEAD = struct.Struct("<IQ")  # the header of a message of one frame: count, length
 
 #: Set in a frame's length when the sender had it as ``bytes``: the receiver then
 #: reads a big one straight into a new ``bytes`` object (see ``new_bytes``).
@@ -405,7 +406,15 @@ def wire_view(f: Any) -> memoryview:
 
 def send_all(sock: socket.socket, frames: Sequence[Any]) -> None:
     """Send one message on a blocking socket, without copying the frames."""
-    bufs: deque[memoryview] = deque(wire_view(f) for f in (message_header(frames), *frames))
+    if len(frames) == 1 and type(frames[0]) is bytes:  # most messages: one pickled envelope
+        data = frames[0]
+        sent = sock.sendmsg((ONE_FRAME_HEAD.pack(1, len(data) | IMMUTABLE), data))
+        if sent == ONE_FRAME_HEAD.size + len(data):
+            return
+        bufs: deque[memoryview] = deque((memoryview(ONE_FRAME_HEAD.pack(1, len(data) | IMMUTABLE)), memoryview(data)))
+        advance(bufs, sent)
+    else:
+        bufs = deque(wire_view(f) for f in (message_header(frames), *frames))
     while bufs:
         sent = sock.sendmsg(list(bufs)[:IOV_BATCH] if len(bufs) > IOV_BATCH else bufs)
         advance(bufs, sent)
@@ -885,11 +894,12 @@ class _Worker:
         A poll waiter is woken only for data.
         """
         with self.read_lock:
+            poll, read = self.poller.poll, self.reader.read
             while True:
+                poll()
                 try:
-                    msgs = self.reader.read(socket.MSG_DONTWAIT)
+                    msgs = read(socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
-                    self.poller.poll()
                     continue
                 except (EOFError, ConnectionError, OSError):
                     _exit_now()
