@@ -153,6 +153,7 @@ class ProcessExecutor(Executor):
         self._any_broken = False
         self._scheduled = False
         self._dispatch_handle: asyncio.Handle | None = None
+        self._in_message = False  # handling a worker's message: dispatch once, at its end
         self._closed = False
         self._submitted = 0
         self._replaced = 0
@@ -265,23 +266,27 @@ class ProcessExecutor(Executor):
                 else:
                     self._own[a.worker].append(a)
         if not self._scheduled:
-            self._scheduled = True
-            self._dispatch_handle = self._loop.call_soon(self._dispatch)
+            self._schedule()
 
     def _schedule(self) -> None:
+        """Dispatch soon: on the next loop tick, or, inside a worker's message, at its end."""
         if not self._scheduled and not self._closed:
             self._scheduled = True
-            self._dispatch_handle = self._loop.call_soon(self._dispatch)
+            if not self._in_message:
+                self._dispatch_handle = self._loop.call_soon(self._dispatch)
 
     def flush(self) -> None:
         """The engine's burst of submits is over: send now rather than on the next loop tick."""
-        if self._scheduled and self._dispatch_handle is not None:
-            self._dispatch_handle.cancel()
+        if self._scheduled and not self._in_message:  # in a message: _on_message sends at its end
+            handle = self._dispatch_handle
+            if handle is not None:
+                handle.cancel()
             self._dispatch()
 
     # --- deciding who gets what ---------------------------------------------------------------
     def _dispatch(self) -> None:
         self._scheduled = False
+        self._dispatch_handle = None
         if self._closed:
             return
         if self._any_broken:
@@ -389,6 +394,17 @@ class ProcessExecutor(Executor):
 
     # --- what workers send back -------------------------------------------------------------
     def _on_message(self, w: WorkerProc, frames: list[Any]) -> None:
+        """One message from a worker. Whatever its outcomes free up or bring in (the
+        engine refills from inside ``ok_many``) is dispatched once, at the end."""
+        self._in_message = True
+        try:
+            self._handle_message(w, frames)
+        finally:
+            self._in_message = False
+            if self._scheduled and self._dispatch_handle is None:
+                self._dispatch()
+
+    def _handle_message(self, w: WorkerProc, frames: list[Any]) -> None:
         env = pickle.loads(frames[0])
         w.last_progress = self._loop.time()
         kind = env[0]
