@@ -31,7 +31,9 @@ Rules an executor follows (the contract suite in ``tests/contract`` checks them)
    attempts it no longer waits for, so late or duplicate reports are harmless —
    that is what makes "at-least-once execution, exactly-once delivery" work.
 3. Capacity is counted in attempts and returns when the terminal report is made
-   (make the slot free *before* calling the sink: the sink may submit at once).
+   (make the slot free *before* calling the sink: the sink may ``submit`` and
+   ``flush`` at once, from inside the report; with a sync source, ``ok_many``
+   refills the first stage that way).
 4. ``attempt.worker`` is ``None`` (any worker) or a worker index that must run it
    (fork mode). ``attempt.number`` counts from 1; set ``current_worker()`` to
    ``WorkerInfo(spec.name, worker_index, attempt.number)`` around the call.

@@ -3,7 +3,9 @@
 Each test drives one executor directly through a recording sink, the way the
 engine does, and checks a rule of the contract. A backend joins by adding a
 factory to ``BACKENDS``; one that cannot run here is skipped with its reason.
-Worker functions live at module level so process backends can ship them.
+``zmq`` runs against a real ``pypline-agent`` on a loopback port (conftest's
+``shared_agent``). Worker functions live at module level and are shipped by
+value, since the agent's host does not have this test module.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import sys
 import threading
 from typing import Any, Callable, Sequence
 
+import cloudpickle
 import pytest
 
 from pypline import current_worker, mix_pool, work_pool
@@ -21,6 +25,8 @@ from pypline.executor import Attempt, Backend, Executor, OutcomeSink, StageSpec
 from pypline.testing import MockBackend
 
 pytestmark = pytest.mark.timeout(60)
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _asyncio_backend() -> Backend:
@@ -89,8 +95,13 @@ def _shared_clusters() -> Any:
         ray.shutdown()
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=[*sorted(BACKENDS), "zmq"])
 def backend_factory(request: pytest.FixtureRequest) -> Callable[[], Backend]:
+    if request.param == "zmq":  # a real pypline-agent (2 workers) on a 127.0.0.x port, shared by the module
+        agent = request.getfixturevalue("shared_agent")
+        from pypline.backends.remote import ZmqBackend
+
+        return lambda: ZmqBackend([agent.endpoint])
     return BACKENDS[request.param]
 
 
@@ -429,6 +440,56 @@ def test_flush_is_a_hint_that_never_reports(backend_factory: Callable[[], Backen
             assert [sink.terminal[id(a)] for a in attempts] == [[("ok", x + 1)] for x in range(len(attempts))]
             assert sink.reentrant == 0
             ex.flush()  # with nothing submitted
+        finally:
+            await stop(backend, ex)
+
+    arun(main())
+
+
+class RefillingSink(RecordingSink):
+    """Like the engine with a sync source: each report submits the next attempts and
+    flushes, from inside the report (the slot was freed before the call, rule 3)."""
+
+    def __init__(self, executor: Executor) -> None:
+        super().__init__(executor)
+        self.total = self.window = 0
+        self.made: list[Attempt] = []
+
+    def refill(self) -> None:
+        in_flight = len(self.made) - len(self.terminal)
+        k = min(self.executor.capacity(), self.window - in_flight, self.total - len(self.made))
+        if k > 0:
+            batch = [Attempt(len(self.made) + i, None, 1) for i in range(k)]
+            self.made.extend(batch)
+            self.executor.submit(batch)
+        self.executor.flush()
+
+    def _record(self, attempt: Attempt, kind: str, value: Any) -> None:
+        super()._record(attempt, kind, value)
+        self.refill()
+
+
+def test_reports_may_submit_and_flush_from_inside(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """submit() and flush() called from inside a report (as the engine's inline refill
+    does): every attempt still gets exactly one report and all capacity comes back."""
+
+    async def main() -> None:
+        backend = backend_factory()
+        spec = spec_of(work_pool(num_workers=2, multi_proc=True)(add_one))
+        await backend.open()
+        ex = backend.executor(spec)
+        sink = RefillingSink(ex)
+        await ex.start(spec, sink)
+        try:
+            full = ex.capacity()
+            sink.window = min(full, 16)  # at most this many out: the rest goes in from inside reports
+            sink.total = sink.window + 300
+            sink.refill()
+            while len(sink.made) < sink.total:
+                await sink.wait_reports(list(sink.made))
+            await sink.wait_reports(sink.made)
+            assert [sink.terminal[id(a)] for a in sink.made] == [[("ok", x + 1)] for x in range(sink.total)]
+            assert ex.capacity() == full
         finally:
             await stop(backend, ex)
 
