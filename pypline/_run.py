@@ -242,6 +242,7 @@ class Run:
         "sync_it",
         "reporting",
         "refill_due",
+        "space_listening",
     )
 
     def __init__(
@@ -287,6 +288,7 @@ class Run:
         self.sync_it: Iterator[Any] | None = None  # set while the pump serves a sync source
         self.reporting = False  # inside a batch report that refills at its end
         self.refill_due = False
+        self.space_listening = False  # the pump's listener is registered with the first stage
         self.failures: list[ItemFailure] = []
         self.cause: BaseException | None = None
         self.source_failure: ItemFailure | None = None
@@ -465,7 +467,8 @@ class Run:
                 if self.permits <= 0 and self.streaming and self.ready:
                     self.consumer_waited += 1  # results sit untaken: the consumer is the limit
                 self.pump_waiter = waiter = self.loop.create_future()
-                if self.permits > 0:  # it is the first stage's room that ran out
+                if self.permits > 0 and not self.space_listening:  # the first stage's room ran out
+                    self.space_listening = True
                     first.add_space_listener(self._space_back, inline=True)
                 await waiter
         finally:
@@ -497,6 +500,7 @@ class Run:
 
     def _space_back(self) -> None:
         """The first stage drained to its low water (called at once, see _pump_sync)."""
+        self.space_listening = False
         w = self.pump_waiter
         if w is None or w.done():
             return
