@@ -140,20 +140,6 @@ def test_pump_pulls_runs_but_never_past_the_first_stage_room() -> None:
     assert max(ex.batches) > 10  # runs of pulls reached the executor as batches
 
 
-def test_a_source_failing_inside_a_run_keeps_what_came_before() -> None:
-    def source() -> Any:
-        yield from range(300)
-        raise ValueError("source broke at 300")
-
-    backend = BatchBackend(capacity=1000)
-    stage = work_pool(inc, num_workers=2, buffer=500, multi_proc=True)
-    res = (Pipeline(source()) >> stage).run_sync(executor=backend)
-    assert isinstance(res, Err)
-    err = res.error
-    assert list(err.outputs) == [x + 1 for x in range(300)]
-    assert isinstance(err.cause, ValueError)
-
-
 @pytest.mark.parametrize("mode", ["run-ordered", "run-unordered", "stream"])
 def test_finished_items_are_freed_without_the_cycle_collector(mode: str) -> None:
     """Envelopes are freed by reference counting once delivered: no garbage cycle per item.
@@ -241,17 +227,18 @@ def test_a_batch_report_refills_the_first_stage_inline() -> None:
     assert backend.executors[0].max_held <= min(bound, first_fill)
 
 
-def test_a_source_failing_during_an_inline_refill_keeps_what_came_before() -> None:
-    """The failure is raised inside a report's inline refill: outputs before it are kept,
-    and stream() ends with the source's failure at its exact position."""
+@pytest.mark.parametrize("buffer", [500, 10], ids=["in-the-pumps-first-run", "in-an-inline-refill"])
+def test_a_source_failing_keeps_what_came_before(buffer: int) -> None:
+    """The source fails after 300 items, while the pump pulls its first run (buffer 500)
+    or inside a report's inline refill (buffer 10): the outputs before it are kept, and
+    stream() ends with the source's failure at its exact position."""
 
     def source() -> Any:
         yield from range(300)
         raise ValueError("source broke at 300")
 
-    backend = _Tracking(capacity=1000)
-    stage = work_pool(inc, num_workers=2, buffer=10, multi_proc=True)
-    res = (Pipeline(source()) >> stage).run_sync(executor=backend)
+    stage = work_pool(inc, num_workers=2, buffer=buffer, multi_proc=True)
+    res = (Pipeline(source()) >> stage).run_sync(executor=_Tracking(capacity=1000))
     assert isinstance(res, Err)
     assert list(res.error.outputs) == [x + 1 for x in range(300)]
     assert isinstance(res.error.cause, ValueError)
