@@ -327,6 +327,27 @@ def test_cli_ping_status_and_keygen(shared_agent: Any, tmp_path: Any, free_endpo
 
 
 @pytest.mark.timeout(60)
+def test_log_format_json_writes_one_object_per_line(arun: Any, agents: Any, use_agents: Any) -> None:
+    """``serve --log-format json``: every log record is one JSON object with time, level,
+    logger, pid and message; the only other line is the ready line on stdout."""
+    import json
+
+    agent = agents("--log-format", "json")
+    use_agents(agent)
+    assert unwrap(arun((Pipeline(range(5)) >> work_pool(slow_identity, multi_proc=True)).run())) == list(range(5))
+    agent.kill()  # SIGTERM first: the agent drains and logs that
+    lines = [line for line in agent.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    others = [line for line in lines if not line.startswith("{")]
+    assert len(others) == 1 and others[0].startswith("pypline-agent ready ")
+    assert records and all(set(r) >= {"time", "level", "logger", "pid", "message"} for r in records)
+    assert all(r["pid"] == agent.pid for r in records)
+    messages = [r["message"] for r in records]
+    assert any(m.startswith("serving ") for m in messages)
+    assert any(m.startswith("SIGTERM: draining") for m in messages)
+    assert any(r["message"].startswith("session ") and r["level"] == "INFO" for r in records)
+
+
 def test_silent_session_expires_on_the_agent(arun: Any, shared_agent: Any) -> None:
     """A client that says HELLO and then goes silent is dropped after its ttl (its state freed)."""
     import zmq

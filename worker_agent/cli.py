@@ -122,6 +122,14 @@ def main() -> None:
     show_default=True,
     help="Logging verbosity (stderr).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: one readable line per record. json: one JSON object per line (time, level, "
+    "logger, pid, message, and the traceback if any), for log collectors.",
+)
 def serve(
     bind: str,
     workers: int | None,
@@ -131,12 +139,13 @@ def serve(
     backend: str,
     max_message: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Serve multi_proc stages until SIGTERM (then drain and exit 0)."""
     from .security import KeyError_, load_server_keys
     from .server import Agent, AgentConfig, ConfigError
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     keys = None
     if keys_dir is not None:
         try:
@@ -295,12 +304,34 @@ def status(endpoint: str, keys_dir: str | None, timeout: float, as_json: bool) -
         raise _Exit(f"{endpoint} is draining", EXIT_UNHEALTHY)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``pid``, ``message`` and, when there is one, ``traceback``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime
+
+        out: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 if __name__ == "__main__":  # pragma: no cover
