@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import os
 import sys
 import threading
@@ -346,6 +347,82 @@ def test_log_format_json_writes_one_object_per_line(arun: Any, agents: Any, use_
     assert any(m.startswith("serving ") for m in messages)
     assert any(m.startswith("SIGTERM: draining") for m in messages)
     assert any(r["message"].startswith("session ") and r["level"] == "INFO" for r in records)
+
+
+def _http_get(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET, over loopback only."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    assert urllib.parse.urlsplit(url).hostname == "127.0.0.1"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def test_metrics_endpoint_serves_prometheus_text(arun: Any, agents: Any, use_agents: Any) -> None:
+    """``serve --metrics 127.0.0.1:0``: GET /metrics gives the agent's numbers in Prometheus'
+    text format, counting the tasks a pipeline sent; any other path is 404; a junk request
+    does not hurt it; the port closes when the agent exits."""
+    import re
+    import socket
+
+    agent = agents("--metrics", "127.0.0.1:0")
+    url = re.search(r" metrics=(http://\S+)", agent.log()).group(1)  # type: ignore[union-attr]
+    use_agents(agent)
+    assert unwrap(arun((Pipeline(range(7)) >> work_pool(slow_identity, multi_proc=True)).run())) == list(range(7))
+
+    status, ctype, body = _http_get(url)
+    assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
+    samples = dict(line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
+    assert samples["pypline_agent_workers"] == "2"
+    assert int(samples['pypline_agent_events_total{event="tasks"}']) >= 7
+    assert samples["pypline_agent_draining"] == "0"
+    assert any(k.startswith("pypline_agent_info{") for k in samples)
+    assert _http_get(url.replace("/metrics", "/other"))[0] == 404
+
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:  # junk, then hang up
+        s.sendall(b"\x00\x01 not http\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 404")
+    assert _http_get(url)[0] == 200  # still serving
+
+    agent.kill()
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2).close()
+
+
+def test_metrics_rendering_escapes_labels_and_keeps_integers_exact() -> None:
+    from pypline.worker_agent.metrics import parse_address, render
+
+    status = {
+        "instance": "abc", "host": "h", "backend": "process", "versions": {"pypline": "0.1.0"},
+        "workers": 4, "free": 3, "draining": False, "warm_executors": 0,
+        "counters": {"tasks": 12_345_678_901},
+        "sessions": [{"session": 'cli "one"', "stages": [
+            {"name": "a\\b\nc", "running": 1, "queued": 2, "received": 3, "completed": 2},
+        ]}],
+    }
+    text = render(status)
+    assert 'pypline_agent_events_total{event="tasks"} 12345678901' in text
+    assert 'pypline_agent_stage_queued{session="cli \\"one\\"",stage="a\\\\b\\nc"} 2' in text
+    assert text.count("# TYPE ") == 11 and text.endswith("\n")
+    assert parse_address("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_address("[::1]:9464") == ("::1", 9464)
+    for bad in ("9464", ":9464", "host:port", "h:70000"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            parse_address(bad)
+
+
+def test_metrics_option_rejects_a_bad_address() -> None:
+    from click.testing import CliRunner
+    from pypline.worker_agent.cli import main
+
+    r = CliRunner().invoke(main, ["serve", "--metrics", "nonsense"])
+    assert r.exit_code == 2 and "--metrics" in r.output and "HOST:PORT" in r.output
 
 
 def test_silent_session_expires_on_the_agent(arun: Any, shared_agent: Any) -> None:

@@ -123,6 +123,14 @@ def main() -> None:
     help="Logging verbosity (stderr).",
 )
 @click.option(
+    "--metrics",
+    "metrics_addr",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve the agent's numbers for Prometheus at http://HOST:PORT/metrics (read-only, no "
+    "authentication: counts and stage names only). Port 0 picks a free one (printed in the ready line).",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -140,6 +148,7 @@ def serve(
     max_message: int,
     log_level: str,
     log_format: str,
+    metrics_addr: str | None,
 ) -> None:
     """Serve multi_proc stages until SIGTERM (then drain and exit 0)."""
     from .security import KeyError_, load_server_keys
@@ -156,6 +165,14 @@ def serve(
 
         if not zmq.has("curve"):
             raise _Exit("this libzmq was built without CURVE support; --keys cannot work", EXIT_CONFIG)
+    metrics = None
+    if metrics_addr is not None:
+        from .metrics import parse_address
+
+        try:
+            metrics = parse_address(metrics_addr)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics") from None
     config = AgentConfig(
         bind=bind,
         workers=workers or os.cpu_count() or 1,
@@ -164,6 +181,7 @@ def serve(
         drain_timeout=drain_timeout,
         backend=backend,
         max_msg=max_message * 1024 * 1024,
+        metrics=metrics,
     )
     try:
         agent = Agent(config)
@@ -178,6 +196,7 @@ def serve(
         click.echo(
             f"pypline-agent ready endpoint={a.endpoint} instance={a.instance} workers={a.config.workers} "
             f"backend={a.backend_name} secure={'yes' if keys else 'no'} pid={os.getpid()}"
+            + (f" metrics={a.metrics.url}" if a.metrics is not None else "")
         )
         sys.stdout.flush()
 

@@ -44,6 +44,7 @@ import zmq.asyncio
 from pypline.executor import Backend
 
 from . import protocol as P
+from .metrics import MetricsServer
 from .pool import SinkProxy
 from .security import ServerKeys, client_key_provider, is_local_endpoint
 from .session import Session, Task
@@ -80,6 +81,7 @@ class AgentConfig:
     drain_timeout: float = 30.0
     backend: str = "process"
     max_msg: int = P.DEFAULT_MAX_MSG
+    metrics: tuple[str, int] | None = None  # (host, port) for GET /metrics (metrics.py); None: off
 
 
 def _make_backend(name: str) -> tuple[str, Callable[[], Backend]]:
@@ -144,6 +146,7 @@ class Agent:
         #: Largest item or result: --max-message, and never more than a client accepts.
         self.max_item = min(config.max_msg, P.CLIENT_MAX_MSG)
         self.hostname = socket.gethostname()
+        self.metrics: MetricsServer | None = None  # serve --metrics, while serving
 
     # --- running ---------------------------------------------------------------------------
 
@@ -200,6 +203,14 @@ class Agent:
                     self.endpoint,
                     _username(),
                 )
+            if self.config.metrics is not None:
+                metrics = MetricsServer(self.status)
+                try:
+                    await metrics.start(*self.config.metrics)
+                except OSError as exc:
+                    host, port = self.config.metrics
+                    raise ConfigError(f"cannot listen for metrics on {host}:{port}: {exc}") from exc
+                self.metrics = metrics
             await self.backend.open()
             backend_open = True
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -215,6 +226,8 @@ class Agent:
                 f"CURVE keys ({len(keys.clients)} client keys)" if keys else "no authentication",
                 self.instance,
             )
+            if self.metrics is not None:
+                log.info("metrics at %s (read-only, no authentication)", self.metrics.url)
             if ready is not None:
                 ready(self)
             return await self._stop
@@ -228,6 +241,8 @@ class Agent:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._close_all_sessions()
+            if self.metrics is not None:
+                await self.metrics.aclose()
             if backend_open:
                 try:
                     await self.backend.aclose()
