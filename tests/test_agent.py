@@ -396,6 +396,8 @@ def test_metrics_endpoint_serves_prometheus_text(arun: Any, agents: Any, use_age
 
 
 def test_metrics_rendering_escapes_labels_and_keeps_integers_exact() -> None:
+    """Label values are escaped as the text format requires (quote, backslash, newline);
+    a big counter is printed exactly, not rounded; bad addresses name what was given."""
     from pypline.worker_agent.metrics import parse_address, render
 
     status = {
@@ -418,6 +420,7 @@ def test_metrics_rendering_escapes_labels_and_keeps_integers_exact() -> None:
 
 
 def test_metrics_option_rejects_a_bad_address() -> None:
+    """``serve --metrics nonsense`` is a usage error (exit 2) naming the option and the form."""
     from click.testing import CliRunner
     from pypline.worker_agent.cli import main
 
