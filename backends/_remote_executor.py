@@ -327,6 +327,8 @@ class RemoteExecutor(Executor):
         sink = self.sink
         gen = self._gen
         where = link.where
+        oks: list[Attempt] = []  # plain results: one ok_many after the loop (every slot freed first)
+        ok_values: list[Any] = []
         for tid, status, v in zip(index.tid, index.a, values):
             if status == P.S_EMIT:
                 a = out.get(tid)
@@ -353,11 +355,14 @@ class RemoteExecutor(Executor):
             if gen:
                 self._queue(status, a, v, ls)
             elif status == P.S_OK:
-                sink.ok(a, v)
+                oks.append(a)
+                ok_values.append(v)
             elif status == P.S_ERROR:
                 sink.error(a, v)
             else:
                 sink.lost(a, v)
+        if oks:
+            sink.ok_many(oks, ok_values)
         if ls.window > old:
             self.capacity_grew()
 
