@@ -80,15 +80,14 @@ from ._procworker import (
     ARENA_TAIL,
     EMIT,
     ERROR,
-    IMMUTABLE,
     IOV_BATCH,
     REVOKE,
     FrameReader,
-    ONE_FRAME_HEAD,
     advance,
     arena_table_bytes,
     decode,
     message_header,
+    one_frame_header,
     wire_view,
 )
 
@@ -407,7 +406,7 @@ class WorkerProc:
         out = self._out
         if not out and len(frames) == 1 and type(frames[0]) is bytes:  # most messages: one pickled envelope
             data = frames[0]
-            head = ONE_FRAME_HEAD.pack(1, len(data) | IMMUTABLE)
+            head = one_frame_header(data)
             try:
                 sent = self.sock.sendmsg((head, data))
             except (BlockingIOError, InterruptedError):

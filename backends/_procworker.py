@@ -398,6 +398,11 @@ def message_header(frames: Sequence[Any]) -> bytes:
     return _COUNT.pack(n) + struct.pack(f"<{n}Q", *[_length(f) for f in frames])
 
 
+def one_frame_header(data: bytes) -> bytes:
+    """``message_header([data])`` for a message of one ``bytes`` frame, without the general table."""
+    return ONE_FRAME_HEAD.pack(1, len(data) | IMMUTABLE)
+
+
 def wire_view(f: Any) -> memoryview:
     """What goes on the wire for a frame, as a flat byte view."""
     m = memoryview(f.data if type(f) is Flagged else f)
@@ -408,10 +413,11 @@ def send_all(sock: socket.socket, frames: Sequence[Any]) -> None:
     """Send one message on a blocking socket, without copying the frames."""
     if len(frames) == 1 and type(frames[0]) is bytes:  # most messages: one pickled envelope
         data = frames[0]
-        sent = sock.sendmsg((ONE_FRAME_HEAD.pack(1, len(data) | IMMUTABLE), data))
-        if sent == ONE_FRAME_HEAD.size + len(data):
+        head = one_frame_header(data)
+        sent = sock.sendmsg((head, data))
+        if sent == len(head) + len(data):
             return
-        bufs: deque[memoryview] = deque((memoryview(ONE_FRAME_HEAD.pack(1, len(data) | IMMUTABLE)), memoryview(data)))
+        bufs: deque[memoryview] = deque((memoryview(head), memoryview(data)))
         advance(bufs, sent)
     else:
         bufs = deque(wire_view(f) for f in (message_header(frames), *frames))

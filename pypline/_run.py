@@ -576,8 +576,7 @@ class Run:
             if self.reporting:  # the batch report that returned them refills at its end
                 self.refill_due = True
                 return
-            w.set_result(None)
-            self.pump_waiter = None
+            self._wake_pump()
 
     # --- delivery ------------------------------------------------------------------------------
 
