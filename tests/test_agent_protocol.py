@@ -207,7 +207,8 @@ class FakeAgent:
     ``silent``: takes tasks but never answers anything after STAGE_OK (a partition);
     when the client gives up and says HELLO again, it first sends "late" results
     (value -1) for every task it held, then sets ``late_sent``. ``duplicate``:
-    answers every task twice. ``wait_for``: holds its answers until that event is set.
+    answers every task twice, both in the same RESULTS message (so the client has read
+    every duplicate by the time it has every result: the count is exact). ``wait_for``: holds its answers until that event is set.
     ``forget_funcs``: answers the first STAGE with NEED_FUNC even if it has the function.
     """
 
@@ -300,12 +301,12 @@ class FakeAgent:
         if self.wait_for is not None:
             await self.wait_for.wait()
         fn = self.stages[sid]
-        for _ in range(2 if self.duplicate else 1):
-            enc = P.Encoder()
-            for tid, v in zip(tids, values):
+        enc = P.Encoder()
+        for tid, v in zip(tids, values):
+            for _ in range(2 if self.duplicate else 1):
                 enc.add(tid, P.S_OK, -1, fn(v))
-            n, frames = enc.finish()
-            self._send(rid, P.header(P.RESULTS, len(frames), sid=sid, n=n, win=8), *frames)
+        n, frames = enc.finish()
+        self._send(rid, P.header(P.RESULTS, len(frames), sid=sid, n=n, win=8), *frames)
 
     def _send_late(self) -> None:
         by: dict[tuple[bytes, int], list[int]] = {}

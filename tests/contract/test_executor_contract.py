@@ -136,8 +136,14 @@ def block_forever(x: Any) -> Any:
     return x
 
 
-async def async_block_forever(x: Any) -> Any:
-    await asyncio.Event().wait()
+#: How long ``async_busy`` keeps a worker busy: far longer than aclose() may take, yet
+#: bounded, because Dask cannot stop a running call: a call blocked forever would hold a
+#: thread of the module's shared cluster, and the next Dask tests would time out waiting.
+BUSY_S = 5.0
+
+
+async def async_busy(x: Any) -> Any:
+    await asyncio.sleep(BUSY_S)
     return x
 
 
@@ -388,7 +394,7 @@ def test_aclose_during_work_leaves_nothing_running(backend_factory: Callable[[],
     async def main() -> None:
         before = set(asyncio.all_tasks())
         backend = backend_factory()
-        ex, sink = await started(backend, spec_of(work_pool(num_workers=2, multi_proc=True)(async_block_forever)))
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=2, multi_proc=True)(async_busy)))
         sink.submit([Attempt(i, None, 1) for i in range(ex.capacity())])
         await asyncio.sleep(0)
         await asyncio.wait_for(ex.aclose(), 10)
