@@ -173,6 +173,12 @@ def serve(
             metrics = parse_address(metrics_addr)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--metrics") from None
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            from .metrics import INSTALL_HINT
+
+            raise _Exit(INSTALL_HINT, EXIT_CONFIG) from None
     config = AgentConfig(
         bind=bind,
         workers=workers or os.cpu_count() or 1,

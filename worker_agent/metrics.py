@@ -1,7 +1,16 @@
-"""``serve --metrics HOST:PORT``: the agent's numbers for Prometheus, over plain HTTP.
+"""``serve --metrics HOST:PORT``: the agent's numbers for Prometheus, served by ``prometheus_client``.
 
-``GET /metrics`` answers with the text exposition format (version 0.0.4), built from
-the same snapshot as ``pypline-agent status`` (``Agent.status()``):
+How a scrape flows::
+
+    Prometheus --GET /metrics--> prometheus_client's HTTP thread
+        -> AgentCollector.collect()                       (that thread)
+            -> snapshot hop onto the agent's event loop   (run_coroutine_threadsafe)
+                -> Agent.status()                         (the loop: no shared state is read off it)
+        <- metric families, rendered by prometheus_client
+
+The HTTP server is ``prometheus_client``'s own (an optional dependency: ``pip install
+'pypline-async[metrics]'``); this module only turns one ``Agent.status()`` snapshot into
+metric families:
 
 - ``pypline_agent_info{instance, host, backend, pypline}``: always 1
 - ``pypline_agent_workers``, ``pypline_agent_free_workers``, ``pypline_agent_draining``,
@@ -14,23 +23,24 @@ the same snapshot as ``pypline-agent status`` (``Agent.status()``):
 
 The endpoint is read-only and unauthenticated, like any Prometheus exporter: it
 shows counts and the names of stages and sessions, never items, peers or users.
-Anything but ``GET /metrics`` gets 404; a request must arrive within
-``REQUEST_TIMEOUT_S`` and fit in ``MAX_REQUEST`` bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("pypline.agent")
 
-REQUEST_TIMEOUT_S = 5.0
-MAX_REQUEST = 8192
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# A scrape waits at most this long for the event loop to hand over a snapshot: long
+# enough for a loop that is busy with a burst of messages, short enough that a
+# wedged loop shows up as a failed scrape (an alert) instead of a hung scraper.
+SNAPSHOT_TIMEOUT_S = 5.0
+
+INSTALL_HINT = "serve --metrics needs prometheus_client: pip install 'pypline-async[metrics]'"
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -49,72 +59,78 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _escape(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def families(status: dict[str, Any]) -> Iterator[Any]:
+    """The metric families for one ``Agent.status()`` snapshot."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-
-def _labels(labels: dict[str, Any]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _number(value: float) -> str:
-    return str(value) if isinstance(value, int) else repr(float(value))
-
-
-def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, Any], float]]) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    lines += [f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples]
-    return lines
-
-
-def render(status: dict[str, Any]) -> str:
-    """The exposition text for one ``Agent.status()`` snapshot."""
-    info = {
-        "instance": status["instance"],
-        "host": status["host"],
-        "backend": status["backend"],
-        "pypline": status["versions"].get("pypline", "?"),
-    }
+    yield InfoMetricFamily(
+        "pypline_agent",
+        "The agent's identity.",
+        value={
+            "instance": str(status["instance"]),
+            "host": str(status["host"]),
+            "backend": str(status["backend"]),
+            "pypline": str(status["versions"].get("pypline", "?")),
+        },
+    )
+    for name, help_text, value in (
+        ("pypline_agent_workers", "Worker processes per stage (serve --workers).", status["workers"]),
+        ("pypline_agent_free_workers", "Workers not busy right now.", status["free"]),
+        ("pypline_agent_draining", "1 while draining after SIGTERM.", 1 if status["draining"] else 0),
+        ("pypline_agent_sessions", "Open client sessions.", len(status["sessions"])),
+        ("pypline_agent_warm_executors", "Idle stage executors kept warm for reuse.", status["warm_executors"]),
+    ):
+        yield GaugeMetricFamily(name, help_text, value=value)
+    events = CounterMetricFamily("pypline_agent_events", "What the agent counted since it started.", labels=["event"])
+    for key, value in sorted(status["counters"].items()):
+        events.add_metric([key], value)
+    yield events
     stages = [(s["session"], st) for s in status["sessions"] for st in s["stages"]]
+    for key, kind, help_text in (
+        ("running", GaugeMetricFamily, "Items running, per stage of each session."),
+        ("queued", GaugeMetricFamily, "Items queued at the agent, per stage."),
+        ("received", CounterMetricFamily, "Items received, per stage."),
+        ("completed", CounterMetricFamily, "Items finished, per stage."),
+    ):
+        family = kind(f"pypline_agent_stage_{key}", help_text, labels=["session", "stage"])
+        for session, stage in stages:
+            family.add_metric([str(session), str(stage["name"])], stage[key])
+        yield family
 
-    def per_stage(key: str) -> list[tuple[dict[str, Any], float]]:
-        return [({"session": sess, "stage": st["name"]}, st[key]) for sess, st in stages]
 
-    out: list[str] = []
-    out += _family("pypline_agent_info", "gauge", "The agent's identity (always 1).", [(info, 1)])
-    out += _family("pypline_agent_workers", "gauge", "Worker processes per stage (serve --workers).",
-                   [({}, status["workers"])])
-    out += _family("pypline_agent_free_workers", "gauge", "Workers not busy right now.", [({}, status["free"])])
-    out += _family("pypline_agent_draining", "gauge", "1 while draining after SIGTERM.",
-                   [({}, 1 if status["draining"] else 0)])
-    out += _family("pypline_agent_sessions", "gauge", "Open client sessions.", [({}, len(status["sessions"]))])
-    out += _family("pypline_agent_warm_executors", "gauge", "Idle stage executors kept warm for reuse.",
-                   [({}, status["warm_executors"])])
-    out += _family("pypline_agent_events_total", "counter", "What the agent counted since it started.",
-                   [({"event": k}, v) for k, v in sorted(status["counters"].items())])
-    out += _family("pypline_agent_stage_running", "gauge", "Items running, per stage of each session.",
-                   per_stage("running"))
-    out += _family("pypline_agent_stage_queued", "gauge", "Items queued at the agent, per stage.", per_stage("queued"))
-    out += _family("pypline_agent_stage_received_total", "counter", "Items received, per stage.",
-                   per_stage("received"))
-    out += _family("pypline_agent_stage_completed_total", "counter", "Items finished, per stage.",
-                   per_stage("completed"))
-    return "\n".join(out) + "\n"
+class _AgentCollector:
+    """A ``prometheus_client`` collector that reads the agent's status on its event loop."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], loop: asyncio.AbstractEventLoop) -> None:
+        self.snapshot = snapshot
+        self.loop = loop
+
+    def collect(self) -> Iterator[Any]:
+        async def snap() -> dict[str, Any]:
+            return self.snapshot()
+
+        status = asyncio.run_coroutine_threadsafe(snap(), self.loop).result(SNAPSHOT_TIMEOUT_S)
+        yield from families(status)
 
 
 class MetricsServer:
-    """The HTTP listener; ``snapshot`` is called once per scrape, on the event loop."""
+    """``prometheus_client``'s HTTP server for one agent; ``snapshot`` runs on the agent's loop."""
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.snapshot = snapshot
-        self.server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST)
-        sockname = self.server.sockets[0].getsockname()
+        try:
+            from prometheus_client import CollectorRegistry, start_http_server
+        except ImportError:
+            raise OSError(INSTALL_HINT) from None
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_AgentCollector(self.snapshot, asyncio.get_running_loop()))  # type: ignore[arg-type]
+        self._server, self._thread = start_http_server(port, host, registry=registry)
+        sockname = self._server.socket.getsockname()
         self.address = (sockname[0], sockname[1])
 
     @property
@@ -124,37 +140,15 @@ class MetricsServer:
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.address[1]}/metrics"
 
     async def aclose(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await self.server.wait_closed()
-            self.server = None
+        """Stop serving and join the server thread (off the loop: a scrape in progress may need the loop)."""
+        server, thread, self._server, self._thread = self._server, self._thread, None, None
+        if server is None:
+            return
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                return
-            parts = head.split(b"\r\n", 1)[0].split()
-            if len(parts) == 3 and parts[0] == b"GET" and parts[1].split(b"?", 1)[0] == b"/metrics":
-                try:
-                    body = render(self.snapshot()).encode()
-                except Exception:  # a broken snapshot must not take the agent down
-                    log.exception("metrics: building the snapshot failed")
-                    status, body, ctype = b"500 Internal Server Error", b"error\n", b"text/plain"
-                else:
-                    status, ctype = b"200 OK", CONTENT_TYPE.encode()
-            else:
-                status, body, ctype = b"404 Not Found", b"only GET /metrics here\n", b"text/plain"
-            writer.write(
-                b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
-                + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
-            )
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            if thread is not None:
+                thread.join()
+
+        await asyncio.to_thread(stop)
