@@ -31,6 +31,12 @@ backend (``asyncio`` if that is unavailable) with a logged warning, and
 ``fallback="error"`` fails the stage's start (``StageStartError``: ``run()`` returns
 ``Err``) or, mid-run, fails the waiting items with ``WorkerLost``. Agents keep being
 asked in the background and are used again as soon as they answer.
+
+**No tax on every run.** With ``fallback="local"``, an agent that did not answer is
+remembered for this process (``_reachability.py``): the next runs do not wait for it (they
+fall back at once, still asking it in the background, and use it as soon as it answers);
+after a backoff (30 s, doubling up to 5 min) one run waits for it again. The warning says
+when. ``forget_unreachable()`` makes the next run wait for every agent again.
 """
 
 from __future__ import annotations
@@ -47,10 +53,11 @@ import zmq.asyncio
 from pypline.executor import Backend, Executor, StageSpec, StageStartError
 from pypline.lowlevel import current_settings, effective_agents, effective_keys
 
+from ._reachability import Reachability
 from ._remote_executor import RemoteExecutor
 from ._remote_link import ALIVE, AgentLink
 
-__all__ = ["RemoteExecutor", "ZmqBackend"]
+__all__ = ["RemoteExecutor", "ZmqBackend", "forget_unreachable"]
 
 log = logging.getLogger("pypline.backends.remote")
 
@@ -60,6 +67,14 @@ JOIN_GRACE_S = 0.2
 
 #: One ZeroMQ context per process (its I/O thread is shared); sockets belong to one run.
 _context: zmq.asyncio.Context | None = None
+
+#: Agents that did not answer lately, per process (see "No tax on every run" above).
+_reachability = Reachability()
+
+
+def forget_unreachable() -> None:
+    """Make the next run wait for every configured agent again, even one that was silent lately."""
+    _reachability.forget()
 
 
 def _ctx() -> zmq.asyncio.Context:
@@ -118,21 +133,40 @@ class ZmqBackend(Backend):
         if not self.links:
             self.no_agent_reason = "no agents are configured"
             return
-        await self._wait_handshakes()
+        # With a local fallback, an agent silent lately is not waited for (it is still asked).
+        remember = self.fallback == "local"
+        due = [link for link in self.links if not remember or _reachability.due(link.endpoint)]
+        if due:
+            await self._wait_handshakes(due)
+        retry_in: list[float] = []
+        for link in self.links:
+            if link.state == ALIVE:
+                _reachability.answered(link.endpoint)
+            elif remember and link in due and link.error is None:  # silent, not refused
+                retry_in.append(_reachability.silent(link.endpoint))
+            elif remember:
+                retry_in.append(_reachability.retry_in(link.endpoint) or 0.0)
         if not any(link.state == ALIVE for link in self.links):
-            reasons = "; ".join(link.error or f"agent {link.endpoint}: no answer" for link in self.links)
-            self.no_agent_reason = (
-                f"no pypline agent completed the handshake within {self.connect_timeout:g} s ({reasons})"
+            reasons = "; ".join(
+                link.error or f"agent {link.endpoint}: no answer" + ("" if link in due else " lately")
+                for link in self.links
             )
+            waited = f"within {self.connect_timeout:g} s" if due else "lately (not waited for this time)"
+            self.no_agent_reason = f"no pypline agent completed the handshake {waited} ({reasons})"
             if self.fallback == "local":
+                when = f"; they are asked in the background, and waited for again in {min(retry_in):.0f} s" if (
+                    retry_in
+                ) else ""
                 log.warning(
-                    "%s; multi_proc stages run on the local machine instead (fallback='local')", self.no_agent_reason
+                    "%s; multi_proc stages run on the local machine instead (fallback='local')%s",
+                    self.no_agent_reason,
+                    when,
                 )
 
-    async def _wait_handshakes(self) -> None:
+    async def _wait_handshakes(self, links: list[AgentLink]) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        waiters = {asyncio.ensure_future(link.resolved.wait()) for link in self.links}
+        waiters = {asyncio.ensure_future(link.resolved.wait()) for link in links}
         try:
             while waiters:
                 left = deadline - loop.time()
@@ -156,6 +190,8 @@ class ZmqBackend(Backend):
 
     def link_changed(self, link: AgentLink) -> None:
         """A link became alive, died or failed: tell every stage."""
+        if link.state == ALIVE:
+            _reachability.answered(link.endpoint)
         if link.state == ALIVE and not link.stages and not link.draining:
             for ex in list(self.executors.values()):
                 link.declare(ex)

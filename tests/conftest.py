@@ -250,6 +250,9 @@ def use_agents() -> Iterator[Callable[..., None]]:
     from pypline import configure
 
     def use(*handles: AgentHandle, **kw: Any) -> None:
+        from pypline.backends.remote import forget_unreachable
+
+        forget_unreachable()  # an endpoint silent in an earlier test may be this agent's now
         kw.setdefault("heartbeat_timeout", 1.0)
         kw.setdefault("connect_timeout", 5.0)
         configure(agents=[h.endpoint for h in handles], **kw)
