@@ -100,6 +100,25 @@ def admission_bound(specs: Iterable[StageSpec]) -> int:
     return sum(s.buffer + s.num_workers for s in specs) + len(specs) + 1
 
 
+async def _finish_then_reraise(task: asyncio.Task[Any]) -> None:
+    """Wait until ``task`` is done, even while the caller is being cancelled; then re-raise
+    the caller's cancellation if there was one. (``task``'s own outcome is not raised.)
+
+    Clean-up must complete (nothing a run started may outlive it), and the caller's
+    cancellation must never be swallowed: a ``CancelledError`` that arrives while waiting
+    is held and raised once the task is done. Cancellation is edge-triggered in asyncio,
+    so the next wait is not interrupted by the same request.
+    """
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+
+
 def _executor_statistics(r: StageRunner) -> ExecutorStatistics:
     try:
         return r.ex.statistics()
@@ -225,6 +244,7 @@ class Run:
         "executors",
         "backends",
         "pump_task",
+        "closing",
         "reporter",
         "renderer",
         "on_stats",
@@ -299,6 +319,7 @@ class Run:
         self.executors: list[Executor] = []
         self.backends: list[Backend] = []
         self.pump_task: asyncio.Task[None] | None = None
+        self.closing: asyncio.Task[None] | None = None  # shutdown's clean-up, once started
         self.reporter: asyncio.Task[None] | None = None
         self.renderer: ProgressRenderer | None = None
         self.on_stats: Callable[[RunStatistics], None] | None = None
@@ -371,27 +392,40 @@ class Run:
         return True
 
     async def shutdown(self) -> None:
-        """Stop the pump, every timer, executor and backend. Safe to call more than once."""
+        """Stop the pump, every timer, executor and backend. Safe to call more than once.
+
+        The clean-up runs in a task of its own and always completes: nothing the run
+        started may outlive the call. If the caller is cancelled meanwhile, shutdown
+        finishes the clean-up first and then re-raises that ``CancelledError`` (never
+        swallows it), so ``asyncio.timeout()`` around ``run()`` still raises ``TimeoutError``.
+        """
+        if self.closing is None:
+            self.closing = self.loop.create_task(self._close(), name="pypline-shutdown")
+        await _finish_then_reraise(self.closing)
+
+    async def _close(self) -> None:
         self.stopping = True
         if self.pump_task is not None and not self.pump_task.done():
             self.pump_task.cancel()
         for runner in self.runners:
             runner.stop()
         if self.pump_task is not None:
-            try:
-                await self.pump_task
-            except BaseException:  # noqa: S110 - the pump's own end does not matter here
-                pass
+            await asyncio.wait([self.pump_task])  # its outcome was already reported (or is a cancellation)
+            if not self.pump_task.cancelled() and self.pump_task.exception() is not None:
+                log.error("the source pump failed", exc_info=self.pump_task.exception())
         for runner in self.runners:  # what the executors knew, before closing them forgets it
             if runner.closing_stats is None:
                 runner.closing_stats = _executor_statistics(runner)
-        results = await asyncio.gather(*(ex.aclose() for ex in self.executors), return_exceptions=True)
-        self.executors = []
-        await asyncio.gather(*(b.aclose() for b in self.backends), return_exceptions=True)
-        self.backends = []
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
-                raise r
+        executors, self.executors = self.executors, []
+        backends, self.backends = self.backends, []
+        results = await asyncio.gather(*(ex.aclose() for ex in executors), return_exceptions=True)
+        for ex, r in zip(executors, results):
+            if isinstance(r, BaseException):
+                log.error("closing the executor %s failed; the run's result is kept", type(ex).__name__, exc_info=r)
+        results = await asyncio.gather(*(b.aclose() for b in backends), return_exceptions=True)
+        for b, r in zip(backends, results):
+            if isinstance(r, BaseException):
+                log.error("closing the %r backend failed; the run's result is kept", b.name, exc_info=r)
 
     # --- the pump ------------------------------------------------------------------------------
 
@@ -733,10 +767,7 @@ class Run:
             self.ended = time.perf_counter()
         if self.reporter is not None:
             self.reporter.cancel()
-            try:
-                await self.reporter
-            except asyncio.CancelledError:
-                pass
+            await _finish_then_reraise(self.reporter)
             self.reporter = None
         final = self.statistics(True)
         log.debug(
