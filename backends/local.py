@@ -97,6 +97,8 @@ class _WorkerThread:
             try:
                 value = call()
             except BaseException as exc:  # delivered to the awaiting worker task
+                if isinstance(exc, asyncio.CancelledError):  # the function's own: must not look like
+                    exc = _RaisedInThread(exc)  # the cancellation of the task awaiting it
                 self._post(self._report, fut, False, exc)
             else:
                 self._post(self._report, fut, True, value)
@@ -108,6 +110,20 @@ class _WorkerThread:
     def _mark_exited(self) -> None:
         if not self.exited.done():
             self.exited.set_result(None)
+
+
+def _being_cancelled() -> bool:
+    """Is the current task being cancelled? (Python 3.11+; before that only ``aclose`` tells.)"""
+    task = asyncio.current_task()
+    return sys.version_info >= (3, 11) and task is not None and task.cancelling() > 0
+
+
+class _RaisedInThread(Exception):
+    """Carries a ``CancelledError`` that a function raised in a worker thread to its worker task."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class _Abandoned(Exception):
@@ -239,9 +255,10 @@ class AsyncioExecutor(Executor):
                     value = await fn(a.item)
                 else:
                     value = await self._call(i, kind, fn, a, self._info(i, number), timeout)
-            except asyncio.CancelledError:
-                raise
             except BaseException as exc:  # the user's function failed: report, keep serving
+                if isinstance(exc, asyncio.CancelledError) and (self._closed or _being_cancelled()):
+                    raise  # this worker task is cancelled (aclose, loop shutdown). Any other CancelledError
+                    #       is the stage code's own (it awaited something cancelled): an outcome (rule 7)
                 if t0:
                     samples.append(clock() - t0)
                 self._capacity += 1
@@ -297,6 +314,8 @@ class AsyncioExecutor(Executor):
         fut = worker.run(call)
         try:
             value = await fut
+        except _RaisedInThread as carried:
+            raise carried.error from None
         except (asyncio.CancelledError, TimeoutError, asyncio.TimeoutError):
             # Timed out or cancelled while the thread runs: abandon it, give the worker a new one.
             self._abandon(i, worker)
@@ -336,15 +355,24 @@ class AsyncioExecutor(Executor):
         return call
 
     def _abandon(self, i: int, worker: _WorkerThread) -> None:
+        worker.abandoned = True
+        worker.stop()
+        if self._closed:  # shutting down: nothing replaces it
+            log.info(
+                "stage %r worker %d: thread %s still runs a call at shutdown; it is abandoned and its "
+                "result discarded (a running thread cannot be stopped)",
+                self._spec.name,
+                i,
+                worker.thread.name,
+            )
+            return
         log.warning(
-            "stage %r worker %d: abandoning thread %s (timed out or cancelled mid-call; "
-            "its result will be discarded), starting a new one",
+            "stage %r worker %d: abandoning thread %s (timed out mid-call; its result will be "
+            "discarded), starting a new one",
             self._spec.name,
             i,
             worker.thread.name,
         )
-        worker.abandoned = True
-        worker.stop()
         if self._threads[i] is worker:
             self._threads[i] = None
             self._replaced += 1

@@ -20,7 +20,7 @@ The layers, each importing only the ones above it::
 
 from ._config import Settings, configure
 from ._context import WorkerInfo, current_worker
-from ._errors import ItemFailure, PipelineError, RemoteError, StageStartError, WorkerDied, WorkerLost
+from ._errors import ItemFailure, PipelineError, RemoteError, StageCancelled, StageStartError, WorkerDied, WorkerLost
 from ._pipeline import Flow, Pipeline, PipelineStream
 from ._stage import Stage, mix_pool, work_pool
 from ._stats import RunStatistics, StageStatistics
@@ -37,6 +37,7 @@ __all__ = [
     "RunStatistics",
     "Settings",
     "Stage",
+    "StageCancelled",
     "StageStartError",
     "StageStatistics",
     "WorkerDied",

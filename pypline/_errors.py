@@ -13,6 +13,11 @@
   recreated here; it keeps the type name, message and remote traceback text.
 - ``StageStartError``: a stage could not be started (e.g. its function cannot be
   pickled for a process backend). Reported as the ``cause`` of a ``PipelineError``.
+- ``StageCancelled``: the stage's own code raised ``CancelledError`` (it awaited a
+  task or future that something else cancelled) while the run was not being
+  cancelled. An item error like any other, on every backend: retried per
+  ``retry_on``, then an ``ItemFailure``. It is not a ``CancelledError``, so it can
+  never be mistaken for the cancellation of the task awaiting ``run()``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = [
     "WorkerDied",
     "WorkerLost",
     "StageStartError",
+    "StageCancelled",
 ]
 
 _SHOW_FAILURES = 3
@@ -92,6 +98,36 @@ class StageStartError(Exception):
         return (StageStartError, (self.stage, self.message))
 
 
+class StageCancelled(Exception):
+    """The stage's own code raised ``CancelledError`` while the run itself was not cancelled.
+
+    Typically the function awaited a task or future that something else cancelled. The
+    original ``CancelledError`` (or, from another process, its ``RemoteError``) is the
+    ``__cause__``. It is an ordinary ``Exception``: ``retry_on=(Exception,)`` retries it.
+    """
+
+    def __init__(self, stage: str, detail: str = "") -> None:
+        super().__init__(stage, detail)
+        self.stage = stage
+        self.detail = detail
+
+    def __str__(self) -> str:
+        extra = f" ({self.detail})" if self.detail else ""
+        return (
+            f"the code of stage {self.stage!r} raised CancelledError{extra}; the run was not cancelled, "
+            "so this is an item error (did it await a task that was cancelled?)"
+        )
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Is ``exc`` a ``CancelledError``, here or recreated from another process?"""
+    import asyncio
+
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    return isinstance(exc, RemoteError) and exc.type_name.rsplit(".", 1)[-1] == "CancelledError"
+
+
 @dataclass(eq=False)
 class ItemFailure(Exception):
     """One item that failed in one stage after its attempts.
@@ -114,6 +150,12 @@ class ItemFailure(Exception):
 
     def __reduce__(self) -> Any:
         return (ItemFailure, (self.index, self.stage, self.item, self.error, self.attempts, self.max_attempts))
+
+    def __repr__(self) -> str:  # bounded: a big item is shortened
+        return (
+            f"ItemFailure(index={self.index}, stage={self.stage!r}, item={_short(self.item)}, "
+            f"error={_short(self.error, 120)}, attempts={self.attempts}, max_attempts={self.max_attempts})"
+        )
 
     def __str__(self) -> str:
         err = f"{type(self.error).__name__}: {self.error}" if str(self.error) else type(self.error).__name__
@@ -144,11 +186,17 @@ class PipelineError(Exception):
     ``failures`` lists every ``ItemFailure`` (in source order), ``outputs`` every
     successful output (nothing computed is lost), and ``cause`` the exception that
     stopped the source or a stage from starting, if any.
+
+    After ``fail_fast=True`` stopped a run, ``failures[0]`` is the failure that stopped
+    it (the rest follow in source order) and ``cancelled`` counts the items that were
+    still in flight and were interrupted by the stop: they did not fail, and they are
+    not in ``failures`` (an error that would have been retried counts here too).
     """
 
     failures: list[ItemFailure] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
     cause: BaseException | None = None
+    cancelled: int = 0
 
     def __post_init__(self) -> None:
         Exception.__init__(self, str(self))
@@ -156,7 +204,17 @@ class PipelineError(Exception):
             self.__cause__ = self.cause
 
     def __reduce__(self) -> Any:
-        return (PipelineError, (self.failures, self.outputs, self.cause))
+        return (PipelineError, (self.failures, self.outputs, self.cause, self.cancelled))
+
+    def __repr__(self) -> str:
+        # Bounded, whatever the run's size: the outputs are counted, not shown.
+        first = f", first={self.failures[0]!r}" if self.failures else ""
+        cause = f", cause={self.cause!r}" if self.cause is not None else ""
+        cancelled = f", cancelled={self.cancelled}" if self.cancelled else ""
+        return (
+            f"PipelineError(failures={len(self.failures)}, outputs={len(self.outputs)}"
+            f"{cancelled}{cause}{first})"
+        )
 
     def __str__(self) -> str:
         parts: list[str] = []
@@ -171,4 +229,6 @@ class PipelineError(Exception):
             parts.extend(f"  - {f}" for f in self.failures[:_SHOW_FAILURES])
             if len(self.failures) > _SHOW_FAILURES:
                 parts.append(f"  ... and {len(self.failures) - _SHOW_FAILURES} more")
+        if self.cancelled:
+            parts.append(f"{self.cancelled} item(s) in flight were cancelled when fail_fast stopped the run")
         return "\n".join(parts) if parts else "pipeline failed"

@@ -100,23 +100,21 @@ def admission_bound(specs: Iterable[StageSpec]) -> int:
     return sum(s.buffer + s.num_workers for s in specs) + len(specs) + 1
 
 
-async def _finish_then_reraise(task: asyncio.Task[Any]) -> None:
-    """Wait until ``task`` is done, even while the caller is being cancelled; then re-raise
-    the caller's cancellation if there was one. (``task``'s own outcome is not raised.)
+async def _settle(tasks: list[asyncio.Task[Any]]) -> asyncio.CancelledError | None:
+    """Wait until every task is done, even while the caller is being cancelled.
 
-    Clean-up must complete (nothing a run started may outlive it), and the caller's
-    cancellation must never be swallowed: a ``CancelledError`` that arrives while waiting
-    is held and raised once the task is done. Cancellation is edge-triggered in asyncio,
-    so the next wait is not interrupted by the same request.
+    Returns the caller's cancellation if one arrived meanwhile (to be re-raised once the
+    clean-up is over: it is never swallowed), else None. The tasks' own outcomes are not
+    raised. Cancellation is edge-triggered in asyncio, so the next wait is not
+    interrupted by the same request.
     """
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
+    held: asyncio.CancelledError | None = None
+    while not all(t.done() for t in tasks):
         try:
-            await asyncio.wait([task])
+            await asyncio.wait(tasks)
         except asyncio.CancelledError as exc:
-            cancelled = exc
-    if cancelled is not None:
-        raise cancelled
+            held = exc
+    return held
 
 
 def _executor_statistics(r: StageRunner) -> ExecutorStatistics:
@@ -319,7 +317,7 @@ class Run:
         self.executors: list[Executor] = []
         self.backends: list[Backend] = []
         self.pump_task: asyncio.Task[None] | None = None
-        self.closing: asyncio.Task[None] | None = None  # shutdown's clean-up, once started
+        self.closing = False  # shutdown() has started
         self.reporter: asyncio.Task[None] | None = None
         self.renderer: ProgressRenderer | None = None
         self.on_stats: Callable[[RunStatistics], None] | None = None
@@ -394,38 +392,43 @@ class Run:
     async def shutdown(self) -> None:
         """Stop the pump, every timer, executor and backend. Safe to call more than once.
 
-        The clean-up runs in a task of its own and always completes: nothing the run
-        started may outlive the call. If the caller is cancelled meanwhile, shutdown
-        finishes the clean-up first and then re-raises that ``CancelledError`` (never
-        swallows it), so ``asyncio.timeout()`` around ``run()`` still raises ``TimeoutError``.
+        The clean-up always completes: nothing the run started may outlive the call. If
+        the caller is cancelled meanwhile, the cancellation is held until the clean-up is
+        done and then re-raised (never swallowed), so ``asyncio.timeout()`` around
+        ``run()`` still raises ``TimeoutError``.
         """
-        if self.closing is None:
-            self.closing = self.loop.create_task(self._close(), name="pypline-shutdown")
-        await _finish_then_reraise(self.closing)
-
-    async def _close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
         self.stopping = True
         if self.pump_task is not None and not self.pump_task.done():
             self.pump_task.cancel()
         for runner in self.runners:
             runner.stop()
+        held = None
         if self.pump_task is not None:
-            await asyncio.wait([self.pump_task])  # its outcome was already reported (or is a cancellation)
+            held = await _settle([self.pump_task]) or held  # its outcome was reported already
             if not self.pump_task.cancelled() and self.pump_task.exception() is not None:
                 log.error("the source pump failed", exc_info=self.pump_task.exception())
         for runner in self.runners:  # what the executors knew, before closing them forgets it
             if runner.closing_stats is None:
                 runner.closing_stats = _executor_statistics(runner)
         executors, self.executors = self.executors, []
+        closing = [self.loop.create_task(ex.aclose(), name="pypline-close-executor") for ex in executors]
+        held = await _settle(closing) or held
+        for ex, t in zip(executors, closing):
+            if t.cancelled() or t.exception() is not None:
+                exc = t.exception() if not t.cancelled() else asyncio.CancelledError()
+                log.error("closing the executor %s failed; the run's result is kept", type(ex).__name__, exc_info=exc)
         backends, self.backends = self.backends, []
-        results = await asyncio.gather(*(ex.aclose() for ex in executors), return_exceptions=True)
-        for ex, r in zip(executors, results):
-            if isinstance(r, BaseException):
-                log.error("closing the executor %s failed; the run's result is kept", type(ex).__name__, exc_info=r)
-        results = await asyncio.gather(*(b.aclose() for b in backends), return_exceptions=True)
-        for b, r in zip(backends, results):
-            if isinstance(r, BaseException):
-                log.error("closing the %r backend failed; the run's result is kept", b.name, exc_info=r)
+        closing = [self.loop.create_task(b.aclose(), name="pypline-close-backend") for b in backends]
+        held = await _settle(closing) or held
+        for b, t in zip(backends, closing):
+            if t.cancelled() or t.exception() is not None:
+                exc = t.exception() if not t.cancelled() else asyncio.CancelledError()
+                log.error("closing the %r backend failed; the run's result is kept", b.name, exc_info=exc)
+        if held is not None:
+            raise held
 
     # --- the pump ------------------------------------------------------------------------------
 
@@ -767,8 +770,10 @@ class Run:
             self.ended = time.perf_counter()
         if self.reporter is not None:
             self.reporter.cancel()
-            await _finish_then_reraise(self.reporter)
+            held = await _settle([self.reporter])
             self.reporter = None
+            if held is not None:
+                raise held
         final = self.statistics(True)
         log.debug(
             "run finished in %.3f s: %d pulled, %d delivered, %d failed",
@@ -792,8 +797,16 @@ class Run:
             order = sorted(range(len(keys)), key=keys.__getitem__)
             outputs = list(map(outputs.__getitem__, order))
         if self.failures or self.cause is not None:
-            failures = sorted(self.failures, key=lambda f: f.index)
-            return Err(PipelineError(failures=failures, outputs=outputs, cause=self.cause))
+            failures = sorted(self.failures, key=_INDEX)
+            cancelled = 0
+            if self.fail_fast and self.failures:
+                # The failure that stopped the run comes first; items still in flight when it
+                # stopped were interrupted, not failed: counted apart.
+                first = self.failures[0]
+                failures.remove(first)
+                failures.insert(0, first)
+                cancelled = self.bound - self.permits
+            return Err(PipelineError(failures=failures, outputs=outputs, cause=self.cause, cancelled=cancelled))
         return Ok(outputs)
 
     async def next_result(self) -> Result[Any] | None:

@@ -23,7 +23,7 @@ import random
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ._errors import ItemFailure, WorkerLost
+from ._errors import ItemFailure, StageCancelled, WorkerLost, is_cancellation
 from .executor import Attempt, Executor, ExecutorStatistics, OutcomeSink
 from .util import Result
 
@@ -39,7 +39,24 @@ __all__ = ["StageRunner"]
 _JITTER = 0.1
 
 
-class _Env(Attempt):
+class _Try(Attempt):
+    """An attempt as the engine tracks it: its item's job in this stage, whether its
+    outcome is in, and the stage that handed it out (a stale report from an earlier
+    stage, or a late one for a settled attempt, is recognised and ignored)."""
+
+    __slots__ = ("_job", "_settled", "_owner")
+
+    def __init__(self, item: Any, worker: int | None, number: int, lost: int, job: Any, owner: Any) -> None:
+        self.item = item
+        self.worker = worker
+        self.number = number
+        self.lost = lost
+        self._job = job
+        self._settled = False
+        self._owner = owner
+
+
+class _Env(_Try):
     """An item travelling through the stages.
 
     In a plain stage the envelope is also its own first ``Attempt`` (no allocation
@@ -56,6 +73,7 @@ class _Env(Attempt):
         self.item = value
         self.worker = None
         self.number = 1  # an envelope is always a first attempt (retries are new Attempts)
+        self.lost = 0
         self._job = self  # in a plain stage the envelope is its own job (cleared by _run._retire)
         self._settled = True
         self._owner = None
@@ -317,14 +335,14 @@ class StageRunner(_Inbox, OutcomeSink):
                     continue
                 job = _Job(env)
                 if self.fork is None:
-                    batch.append(Attempt(env.item, None, 1, job, self))
+                    batch.append(_Try(env.item, None, 1, 0, job, self))
                     cap -= 1
                 else:
                     job.remaining = self.n
                     job.results = [None] * self.n
                     if any(self.gen_workers):
                         job.partials = [[] for _ in range(self.n)]
-                    ready.extend(Attempt(env.item, i, 1, job, self) for i in range(self.n))
+                    ready.extend(_Try(env.item, i, 1, 0, job, self) for i in range(self.n))
             else:
                 break
         if batch:
@@ -392,7 +410,7 @@ class StageRunner(_Inbox, OutcomeSink):
 
     def _retry(self, attempt: Attempt, number: int) -> None:
         self.retried += 1
-        again = Attempt(attempt.item, attempt.worker, number, attempt._job, self)
+        again = _Try(attempt.item, attempt.worker, number, attempt.lost, attempt._job, self)
         backoff = self.spec.backoff
         if backoff > 0:
             delay = backoff * 2 ** (attempt.number - 1) * (1 + _JITTER * random.random())
@@ -516,6 +534,9 @@ class StageRunner(_Inbox, OutcomeSink):
         if attempt._settled or attempt._owner is not self:
             return
         attempt._settled = True
+        if is_cancellation(exc):  # the stage's own code was cancelled, not the run: an item error
+            cancelled, exc = exc, StageCancelled(self.name)
+            exc.__cause__ = cancelled
         job = attempt._job
         if not self.plain:
             if job.failed:
@@ -524,7 +545,11 @@ class StageRunner(_Inbox, OutcomeSink):
             if job.emitted:  # outputs already passed on are never taken back: no retry
                 self._fail(job, attempt, exc)
                 return
-        if attempt.number < self.retries and isinstance(exc, self.retry_on) and not self.stopping:
+        if attempt.number < self.retries and isinstance(exc, self.retry_on):
+            if self.stopping:
+                # It would have been retried, but the run is stopping (fail_fast): the item was
+                # interrupted, not failed. It stays unfinished and is counted in PipelineError.cancelled.
+                return
             if not self.plain and job.partials is not None:
                 job.partials[attempt.worker] = []
             self._retry(attempt, attempt.number + 1)
@@ -556,7 +581,7 @@ class StageRunner(_Inbox, OutcomeSink):
         if not self.plain and job.partials is not None:
             job.partials[attempt.worker] = []
         # Not the item's fault: same attempt number, front of the queue.
-        self.ready.appendleft(Attempt(attempt.item, attempt.worker, attempt.number, job, self))
+        self.ready.appendleft(_Try(attempt.item, attempt.worker, attempt.number, len(agents), job, self))
         self._dispatch()
 
     async def emit(self, attempt: Attempt, value: Any) -> None:

@@ -41,6 +41,13 @@ Rules an executor follows (the contract suite in ``tests/contract`` checks them)
 6. A timed-out attempt is reported as ``error(attempt, TimeoutError(...))``; a
    worker process that died as ``error(attempt, WorkerDied(...))``; an agent that
    vanished as ``lost(attempt, "host:port")``.
+7. A ``CancelledError`` raised by the stage's own code is an outcome like any other
+   exception: report ``error(attempt, exc)`` (the exception itself, or a
+   ``RemoteError`` naming it when it comes from elsewhere) and keep serving. The
+   engine turns it into ``StageCancelled``, retried per ``retry_on``. Only ``aclose()``
+   cancels an executor's own tasks; a worker must tell the two apart (e.g. a flag set
+   by ``aclose()`` before it cancels), never let the user's ``CancelledError`` end a
+   worker, and never report its own cancellation as an outcome.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
 from ._context import WorkerInfo, worker_context
-from ._errors import RemoteError, StageStartError, WorkerDied, WorkerLost
+from ._errors import RemoteError, StageCancelled, StageStartError, WorkerDied, WorkerLost
 from ._stage import FnKind, StageSpec, WorkerFn
 
 __all__ = [
@@ -61,6 +68,7 @@ __all__ = [
     "FnKind",
     "OutcomeSink",
     "RemoteError",
+    "StageCancelled",
     "StageSpec",
     "StageStartError",
     "WorkerDied",
@@ -75,23 +83,26 @@ class Attempt:
     """One try of one item in one stage.
 
     ``item`` is the value to process, ``worker`` the worker that must run it (or
-    ``None`` for any) and ``number`` the attempt number, from 1. The other slots
-    belong to the engine. Attempts carry no wire id: a backend that sends them
-    elsewhere numbers them itself and keeps its own id -> attempt table.
+    ``None`` for any) and ``number`` the attempt number, from 1. ``lost`` counts how
+    often this item was already lost with a worker or agent in this stage: a lost
+    attempt is re-dispatched with the same ``number`` (losing it was not the item's
+    fault) and ``lost`` one higher. Attempts carry no wire id: a backend that sends
+    them elsewhere numbers them itself and keeps its own id -> attempt table. The
+    engine hands executors instances of a subclass with bookkeeping of its own;
+    executors report back the very object they were given.
     """
 
-    __slots__ = ("item", "worker", "number", "_job", "_settled", "_owner")
+    __slots__ = ("item", "worker", "number", "lost")
 
-    def __init__(self, item: Any, worker: int | None, number: int, job: Any = None, owner: Any = None) -> None:
+    def __init__(self, item: Any, worker: int | None, number: int, lost: int = 0) -> None:
         self.item = item
         self.worker = worker
         self.number = number
-        self._job = job
-        self._settled = False
-        self._owner = owner
+        self.lost = lost
 
     def __repr__(self) -> str:
-        return f"<Attempt item={self.item!r} worker={self.worker} number={self.number}>"
+        lost = f" lost={self.lost}" if self.lost else ""
+        return f"<Attempt item={self.item!r} worker={self.worker} number={self.number}{lost}>"
 
 
 class OutcomeSink(abc.ABC):

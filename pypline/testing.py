@@ -7,14 +7,29 @@ until the test releases it. It also records what the engine did, so tests can
 check the contract from the engine's side (capacity never exceeded, every attempt
 answered once)::
 
+    import asyncio
+    from pypline import Pipeline, work_pool
+    from pypline.testing import Lose, MockBackend
+    from pypline.util import unwrap
+
     def fate(attempt):
-        if attempt.item == 3 and attempt.number == 1:
-            return Lose("agent-a", late_value=6)   # lost, then a late duplicate answer
-        return None                                # run the function normally
+        if attempt.item == 3 and attempt.lost == 0:
+            return Lose("agent-a", late_value=-1, late=True)  # lost, then a stale late answer
+        return None                                          # run the function normally
 
     backend = MockBackend(fate=fate, capacity=2)
-    result = await pipeline.run(executor=backend)
+    pipeline = Pipeline(range(5)) >> work_pool(lambda x: 2 * x, multi_proc=True)
+    result = asyncio.run(pipeline.run(executor=backend))
+    assert unwrap(result) == [0, 2, 4, 6, 8]   # re-dispatched, the stale answer dropped
     assert backend.max_in_flight <= 2
+
+A lost attempt is re-dispatched with the same ``number`` (losing it is not the item's
+fault) and ``lost`` one higher, so ``fate`` tells a re-dispatch by ``attempt.lost``.
+
+Errors in the test's own code never hang a run: if ``fate`` raises, that attempt fails
+with the exception (an item error, retried per ``retry_on``, so the run returns ``Err``
+naming it); if the sink raises while taking a report (a bug in the code under test),
+every attempt the executor holds, and every later one, fails with that exception.
 
 Outcomes are reported from a task, in batches, shuffled when ``shuffle_seed`` is
 given: results arrive out of order, as they do from real workers.
@@ -92,6 +107,7 @@ class MockExecutor(Executor):
         self.reports: list[tuple[str, Attempt]] = []
         self.closed = False
         self.capacity_violations = 0
+        self.crashed: Exception | None = None  # what the sink raised, if it did (see _broken)
 
     async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
         self.spec = spec
@@ -122,35 +138,69 @@ class MockExecutor(Executor):
             self._queue.clear()
             if self._rng is not None:
                 self._rng.shuffle(batch)
-            oks: list[Attempt] = []  # plain results, reported together with ok_many
-            values: list[Any] = []
+            try:
+                await self._serve_batch(batch)
+            except Exception as exc:  # the sink raised: surface it, never hang the run
+                self._broken(exc, batch)
+
+    def _broken(self, exc: Exception, batch: list[Attempt]) -> None:
+        """The sink raised while taking a report: a bug in the code under test (the engine,
+        a custom sink, or a callback it runs). Every attempt still held fails with that
+        exception, and so does every later one, so the run ends and shows it."""
+        self.crashed = exc
+        answered = {id(a) for _, a in self.reports}
+        held, self._queue = [*batch, *self._queue], deque()
+        for a in held:  # the engine ignores a second report for an attempt it already has
+            if id(a) not in answered:
+                self._done(a, "error")
+            self.sink.error(a, exc)
+
+    def _fate_of(self, a: Attempt) -> Any:
+        """The test's ``fate`` for ``a``; if ``fate`` itself raises, the attempt fails with that."""
+        if self._fate is None:
+            return None
+        try:
+            return self._fate(a)
+        except Exception as exc:  # a bug in the test's own fate: the item fails with it, visibly
+            return Raise(exc)
+
+    async def _serve_batch(self, batch: list[Attempt]) -> None:
+        if self.crashed is not None:
             for a in batch:
-                fate = self._fate(a) if self._fate is not None else None
-                if fate is None and self.spec.workers[a.worker or 0].kind is FnKind.SYNC:
-                    try:
-                        value = await self._call(a)
-                    except Exception as exc:
-                        if oks:
-                            self._report_oks(oks, values)
-                            oks, values = [], []
-                        self._done(a, "error")
-                        self.sink.error(a, exc)
-                    else:
-                        self._done(a, "ok")
-                        oks.append(a)
-                        values.append(value)
-                    continue
-                if oks:
-                    self._report_oks(oks, values)
-                    oks, values = [], []
-                if isinstance(fate, Hold):
-                    task = asyncio.get_running_loop().create_task(self._held_run(a, fate))
-                    self._held.add(task)
-                    task.add_done_callback(self._held.discard)
-                    continue
-                await self._settle(a, fate)
+                self._done(a, "error")
+                self.sink.error(a, self.crashed)
+            return
+        oks: list[Attempt] = []  # plain results, reported together with ok_many
+        values: list[Any] = []
+        for a in batch:
+            fate = self._fate_of(a)
+            if fate is None and self.spec.workers[a.worker or 0].kind is FnKind.SYNC:
+                try:
+                    value = await self._call(a)
+                except BaseException as exc:
+                    if isinstance(exc, asyncio.CancelledError) and self.closed:
+                        raise
+                    if oks:
+                        self._report_oks(oks, values)
+                        oks, values = [], []
+                    self._done(a, "error")
+                    self.sink.error(a, exc)
+                else:
+                    self._done(a, "ok")
+                    oks.append(a)
+                    values.append(value)
+                continue
             if oks:
                 self._report_oks(oks, values)
+                oks, values = [], []
+            if isinstance(fate, Hold):
+                task = asyncio.get_running_loop().create_task(self._held_run(a, fate))
+                self._held.add(task)
+                task.add_done_callback(self._held.discard)
+                continue
+            await self._settle(a, fate)
+        if oks:
+            self._report_oks(oks, values)
 
     def _report_oks(self, oks: list[Attempt], values: list[Any]) -> None:
         self.sink.ok_many(oks, values)
@@ -158,7 +208,10 @@ class MockExecutor(Executor):
 
     async def _held_run(self, a: Attempt, hold: Hold) -> None:
         await hold.release.wait()
-        await self._settle(a, None)
+        try:
+            await self._settle(a, None)
+        except Exception as exc:  # the sink raised: surface it, never hang the run
+            self._broken(exc, [a])
 
     async def _settle(self, a: Attempt, fate: Any) -> None:
         sink = self.sink
@@ -177,7 +230,9 @@ class MockExecutor(Executor):
         else:
             try:
                 value = await self._call(a)
-            except Exception as exc:
+            except BaseException as exc:  # the stage's own CancelledError too (contract rule 7)
+                if isinstance(exc, asyncio.CancelledError) and self.closed:
+                    raise
                 self._done(a, "error")
                 sink.error(a, exc)
             else:

@@ -37,6 +37,7 @@ def test_exact_public_exports() -> None:
             "RunStatistics",
             "Settings",
             "Stage",
+            "StageCancelled",
             "StageStartError",
             "StageStatistics",
             "WorkerDied",

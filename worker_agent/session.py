@@ -62,9 +62,7 @@ class Task(Attempt):
         self.item = item
         self.worker = worker
         self.number = number
-        self._job = None
-        self._settled = False
-        self._owner = None
+        self.lost = 0
         self.tid = tid
 
 

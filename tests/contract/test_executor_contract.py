@@ -147,6 +147,23 @@ async def async_busy(x: Any) -> Any:
     return x
 
 
+async def awaits_a_cancelled_task(x: int) -> int:
+    """Item 2 awaits a task that something else cancelled: the stage's own CancelledError."""
+    if x == 2:
+        inner = asyncio.ensure_future(asyncio.sleep(30))
+        await asyncio.sleep(0)
+        inner.cancel()
+        await inner
+    return x
+
+
+def raises_cancelled(x: int) -> int:
+    """Item 2 raises CancelledError from plain code (in a thread or a worker process)."""
+    if x == 2:
+        raise asyncio.CancelledError("from the stage's own code")
+    return x
+
+
 # --- the recording sink ---------------------------------------------------------------------
 
 
@@ -522,3 +539,61 @@ def test_submit_one_behaves_like_submit(backend_factory: Callable[[], Backend], 
             await stop(backend, ex)
 
     arun(main())
+
+
+@pytest.mark.parametrize("fn", [awaits_a_cancelled_task, raises_cancelled], ids=["async", "sync"])
+def test_stage_code_cancelled_error_is_an_outcome(
+    backend_factory: Callable[[], Backend], arun: Any, fn: Callable[[int], Any]
+) -> None:
+    """Rule 7: a CancelledError from the stage's own code is reported as that attempt's error
+    (the exception, or a RemoteError naming it), once, and the workers keep serving."""
+    from pypline._errors import is_cancellation
+
+    async def main() -> None:
+        backend = backend_factory()
+        ex, sink = await started(backend, spec_of(work_pool(num_workers=2, multi_proc=True)(fn)))
+        try:
+            attempts = await run_all(sink, ex, [0, 1, 2, 3])
+            again = await run_all(sink, ex, [4, 2, 5])
+        finally:
+            await stop(backend, ex)
+        reports = [sink.terminal[id(a)] for a in attempts + again]
+        assert all(len(r) == 1 for r in reports)
+        kinds = [r[0][0] for r in reports]
+        assert kinds == ["ok", "ok", "error", "ok", "ok", "error", "ok"]
+        for r in reports:
+            if r[0][0] == "error":
+                assert is_cancellation(r[0][1]), repr(r[0][1])
+
+    arun(main())
+
+
+@pytest.mark.parametrize("fn", [awaits_a_cancelled_task, raises_cancelled], ids=["async", "sync"])
+def test_stage_code_cancelled_error_fails_only_its_item(
+    backend_factory: Callable[[], Backend], arun: Any, fn: Callable[[int], Any]
+) -> None:
+    """Through the engine, on every backend: the item fails with StageCancelled after its
+    attempts (retried per retry_on); every other item succeeds; run() returns, never hangs."""
+    from pypline import Pipeline, StageCancelled
+    from pypline.util import unwrap_err
+
+    stage = work_pool(fn, multi_proc=True, retries=2)
+    err = unwrap_err(arun((Pipeline(range(5)) >> stage).run(executor=backend_factory())))
+    assert err.outputs == [0, 1, 3, 4]
+    [failure] = err.failures
+    assert failure.index == 2 and failure.attempts == 2
+    assert isinstance(failure.error, StageCancelled) and failure.error.stage == fn.__name__
+
+
+def test_cancelling_the_run_still_raises(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """The caller's own cancellation is never turned into a Result: a deadline around run()
+    with calls in flight raises (TimeoutError from wait_for), on every backend."""
+    from pypline import Pipeline
+
+    stage = work_pool(async_busy, multi_proc=True, num_workers=2)
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for((Pipeline(range(4)) >> stage).run(executor=backend_factory()), 1.0)
+
+    arun(main(), timeout=40)
