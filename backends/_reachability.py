@@ -42,7 +42,7 @@ class Reachability:
     """``due`` / ``silent`` / ``answered`` per endpoint, on an injected monotonic clock."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+        self.clock: Callable[[], float] = clock
         self._silent: dict[str, _Silence] = {}
 
     def due(self, endpoint: str) -> bool:
@@ -54,7 +54,7 @@ class Reachability:
         """``endpoint`` did not answer within connect_timeout; returns seconds until the next wait."""
         s = self._silent.get(endpoint)
         times = 1 if s is None else s.times + 1
-        delay = min(FIRST_BACKOFF_S * 2 ** (times - 1), MAX_BACKOFF_S)
+        delay: float = min(FIRST_BACKOFF_S * 2.0 ** (times - 1), MAX_BACKOFF_S)
         self._silent[endpoint] = _Silence(times, self.clock() + delay)
         return delay
 

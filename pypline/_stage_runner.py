@@ -398,7 +398,7 @@ class StageRunner(_Inbox, OutcomeSink):
         if self.upstream_done:
             self._check_done()
 
-    def _fail(self, job: Any, attempt: Attempt, exc: BaseException) -> None:
+    def _fail(self, job: Any, attempt: _Try, exc: BaseException) -> None:
         if not self.plain:
             job.failed = True
         env = self._env(job)
@@ -408,7 +408,7 @@ class StageRunner(_Inbox, OutcomeSink):
         self._left()
         self._finish(job)
 
-    def _retry(self, attempt: Attempt, number: int) -> None:
+    def _retry(self, attempt: _Try, number: int) -> None:
         self.retried += 1
         again = _Try(attempt.item, attempt.worker, number, attempt.lost, attempt._job, self)
         backoff = self.spec.backoff
@@ -429,7 +429,7 @@ class StageRunner(_Inbox, OutcomeSink):
 
     # --- the sink, as the executor sees it ---------------------------------------------------
 
-    def ok(self, attempt: Attempt, value: Any) -> None:
+    def ok(self, attempt: _Try, value: Any) -> None:  # type: ignore[override]  # only its own _Try come back
         if attempt._settled or attempt._owner is not self:
             return
         attempt._settled = True
@@ -480,7 +480,7 @@ class StageRunner(_Inbox, OutcomeSink):
             self._left()
         self._finish(job)
 
-    def ok_many(self, attempts: Sequence[Attempt], values: Sequence[Any]) -> None:
+    def ok_many(self, attempts: Sequence[_Try], values: Sequence[Any]) -> None:  # type: ignore[override]
         if not self.plain:
             for a, v in zip(attempts, values):
                 self.ok(a, v)
@@ -499,7 +499,7 @@ class StageRunner(_Inbox, OutcomeSink):
             if run.refill_due:
                 run._refill_inline()
 
-    def _ok_many(self, attempts: Sequence[Attempt], values: Sequence[Any]) -> None:
+    def _ok_many(self, attempts: Sequence[_Try], values: Sequence[Any]) -> None:
         done: list[_Env] = []
         for a, v in zip(attempts, values):
             if a._settled or a._owner is not self:
@@ -530,7 +530,7 @@ class StageRunner(_Inbox, OutcomeSink):
         if self.upstream_done:
             self._check_done()
 
-    def error(self, attempt: Attempt, exc: BaseException) -> None:
+    def error(self, attempt: _Try, exc: BaseException) -> None:  # type: ignore[override]
         if attempt._settled or attempt._owner is not self:
             return
         attempt._settled = True
@@ -556,7 +556,7 @@ class StageRunner(_Inbox, OutcomeSink):
         else:
             self._fail(job, attempt, exc)
 
-    def lost(self, attempt: Attempt, where: str) -> None:
+    def lost(self, attempt: _Try, where: str) -> None:  # type: ignore[override]
         if attempt._settled or attempt._owner is not self:
             return
         attempt._settled = True
@@ -584,7 +584,7 @@ class StageRunner(_Inbox, OutcomeSink):
         self.ready.appendleft(_Try(attempt.item, attempt.worker, attempt.number, len(agents), job, self))
         self._dispatch()
 
-    async def emit(self, attempt: Attempt, value: Any) -> None:
+    async def emit(self, attempt: _Try, value: Any) -> None:  # type: ignore[override]
         if attempt._settled or attempt._owner is not self or self.plain:
             return
         job: _Job = attempt._job

@@ -270,24 +270,61 @@ def free_endpoint_fixture() -> Callable[..., str]:
     return free_endpoint
 
 
+#: Every process the tests start inherits this variable (worker processes, agents, their
+#: workers, Dask and Ray processes), however it was started and whoever its parent is now.
+SESSION_MARKER = "PYPLINE_TEST_SESSION"
+
+
+def tagged_processes(marker: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose environment carries ``SESSION_MARKER=marker``,
+    this one excepted. It reads /proc, so a process re-parented away from this one (a
+    daemonised agent worker, a double fork) is seen too."""
+    wanted = f"{SESSION_MARKER}={marker}".encode()
+    found = []
+    for entry in _os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == _os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if wanted not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                    continue  # a zombie is its parent's to reap, not running
+        except OSError:  # it exited meanwhile, or is not ours to read
+            continue
+        found.append((int(entry), cmdline))
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_orphan_processes() -> Iterator[None]:
-    """No child process started by the tests outlives the test session (workers, agents, clusters)."""
-    import psutil
+    """No process started by the tests outlives the test session (workers, agents, clusters),
+    found by the environment marker every child inherits, wherever it was re-parented."""
+    import uuid
 
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
+    marker = f"{_os.getpid()}-{uuid.uuid4().hex[:12]}"
+    previous = _os.environ.get(SESSION_MARKER)
+    _os.environ[SESSION_MARKER] = marker
+    try:
+        yield
+    finally:
+        if previous is None:
+            _os.environ.pop(SESSION_MARKER, None)
+        else:
+            _os.environ[SESSION_MARKER] = previous
 
-    def leftovers() -> list[psutil.Process]:
+    def leftovers() -> list[tuple[int, str]]:
         # multiprocessing's resource tracker (started by Dask's LocalCluster) is one helper per
         # interpreter that exits with it: not an orphan of any run.
-        return [
-            p
-            for p in me.children(recursive=True)
-            if p.pid not in before
-            and p.is_running()
-            and not any("multiprocessing.resource_tracker" in part for part in p.cmdline())
-        ]
+        return [(pid, cmd) for pid, cmd in tagged_processes(marker) if "multiprocessing.resource_tracker" not in cmd]
 
-    assert wait_until(lambda: not leftovers(), 15.0), f"orphan processes: {[(p.pid, p.cmdline()[:6]) for p in leftovers()]}"
+    assert wait_until(lambda: not leftovers(), 15.0), f"orphan processes: {leftovers()}"
+
+
+@pytest.fixture(name="tagged_processes")
+def tagged_processes_fixture() -> Callable[[str], list[tuple[int, str]]]:
+    """``tagged_processes(marker)``: the session's orphan check, for tests of the check itself."""
+    return tagged_processes

@@ -128,7 +128,7 @@ class MetricsServer:
         except ImportError:
             raise OSError(INSTALL_HINT) from None
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_AgentCollector(self.snapshot, asyncio.get_running_loop()))  # type: ignore[arg-type]
+        registry.register(_AgentCollector(self.snapshot, asyncio.get_running_loop()))
         self._server, self._thread = start_http_server(port, host, registry=registry)
         sockname = self._server.socket.getsockname()
         self.address = (sockname[0], sockname[1])
