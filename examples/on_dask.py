@@ -6,7 +6,7 @@ CPU-bound ``multi_proc=True`` stage on it with ``run(executor=DaskBackend(client
 back and closes the cluster. With a real cluster you would write
 ``Client("tcp://scheduler:8786")`` instead of starting one.
 
-Needs ``pip install 'pypline[dask]'``; without it the example says so and exits 0.
+Needs ``pip install 'pypline-async[dask]'``; without it the example says so and exits 0.
 The ``if __name__ == "__main__":`` guard is required: Dask's worker processes
 import this file again.
 
@@ -39,7 +39,7 @@ async def describe(row):
 
 def main() -> None:
     if importlib.util.find_spec("distributed") is None:
-        print("dask[distributed] is not installed; pip install 'pypline[dask]' to run this example (skipped)")
+        print("dask[distributed] is not installed; pip install 'pypline-async[dask]' to run this example (skipped)")
         return
     from distributed import Client, LocalCluster
 

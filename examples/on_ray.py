@@ -6,7 +6,7 @@ per stage worker), prints what came back and shuts Ray down. With a real cluster
 you would call ``ray.init(address="ray://head:10001")`` (or pass
 ``RayBackend(address=...)``) instead.
 
-Needs ``pip install 'pypline[ray]'``; without it the example says so and exits 0.
+Needs ``pip install 'pypline-async[ray]'``; without it the example says so and exits 0.
 
 Run it with:  python examples/on_ray.py
 """
@@ -31,7 +31,7 @@ def primes_below(limit):
 
 def main() -> None:
     if importlib.util.find_spec("ray") is None:
-        print("ray is not installed; pip install 'pypline[ray]' to run this example (skipped)")
+        print("ray is not installed; pip install 'pypline-async[ray]' to run this example (skipped)")
         return
     import ray
 

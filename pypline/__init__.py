@@ -18,14 +18,52 @@ The layers, each importing only the ones above it::
 ``import pypline`` imports no zmq, no click and no multiprocessing machinery.
 """
 
-from ._config import Settings, configure
-from ._context import WorkerInfo, current_worker
-from ._errors import ItemFailure, PipelineError, RemoteError, StageCancelled, StageStartError, WorkerDied, WorkerLost
-from ._pipeline import Flow, Pipeline, PipelineStream
-from ._stage import Stage, mix_pool, work_pool
-from ._stats import RunStatistics, StageStatistics
+import os as _os
 
-__version__ = "0.1.0"
+
+def _map_checkout_folders() -> None:
+    """In a source checkout, find ``pypline.backends`` and ``pypline.worker_agent`` beside us.
+
+    The repository keeps ``backends/`` and ``worker_agent/`` next to ``pypline/``; installed,
+    they become ``pypline.backends`` and ``pypline.worker_agent``. A script or
+    ``python -m pytest`` run from the repository root imports this folder instead of the
+    installed package (Python puts the script's folder first on ``sys.path``), so the two
+    subpackages are looked up in the repository root too. An installed package, which has
+    them inside, is left as it is.
+    """
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    root = _os.path.dirname(here)
+    if _os.path.isdir(_os.path.join(here, "backends")):
+        return
+    if _os.path.isfile(_os.path.join(root, "backends", "__init__.py")) and _os.path.isfile(
+        _os.path.join(root, "worker_agent", "__init__.py")
+    ):
+        __path__.append(root)
+
+
+_map_checkout_folders()
+
+from ._config import Settings, configure  # noqa: E402
+from ._context import WorkerInfo, current_worker  # noqa: E402
+from ._errors import ItemFailure, PipelineError, RemoteError, StageCancelled, StageStartError, WorkerDied, WorkerLost  # noqa: E402
+from ._pipeline import Flow, Pipeline, PipelineStream  # noqa: E402
+from ._stage import Stage, mix_pool, work_pool  # noqa: E402
+from ._stats import RunStatistics, StageStatistics  # noqa: E402
+
+
+def __getattr__(name: str) -> str:
+    """``pypline.__version__``: the installed distribution's version, read when first asked
+    (pyproject.toml is the one place it is written; importlib.metadata is not cheap to import)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'pypline' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        value = version("pypline-async")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        value = "0+unknown"
+    globals()["__version__"] = value
+    return value
 
 __all__ = [
     "Flow",

@@ -48,7 +48,7 @@ def load_backend(name: str) -> type[Backend]:
         raise ValueError(
             f"unknown pypline backend {name!r}; known backends: {', '.join(known_backends())}. "
             f"Third-party backends register under the entry-point group {ENTRY_POINT_GROUP!r} "
-            "(install the package that provides it, e.g. pip install 'pypline[dask]')."
+            "(install the package that provides it, e.g. pip install 'pypline-async[dask]')."
         )
     module_name, _, attr = target.partition(":")
     try:

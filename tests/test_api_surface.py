@@ -240,3 +240,19 @@ def test_item_failure_reads_well() -> None:
     assert str(f) == "stage 'validate' failed item #17 (-3) after 3/3 attempts: ValueError: Negative values not allowed"
     remote = ItemFailure(2, "s", "x", RemoteError("Boom", "bad", "Traceback ...\nBoom: bad\n"), 1, 1)
     assert "remote traceback" in str(remote) and "Boom: bad" in str(remote)
+
+
+def test_version_comes_from_the_distribution() -> None:
+    """``pypline.__version__`` is the installed ``pypline-async`` distribution's version (one
+    source: pyproject.toml), and the agent's ``--version`` says the same."""
+    from importlib.metadata import version
+
+    from click.testing import CliRunner
+
+    from pypline.worker_agent.cli import main
+
+    assert pypline.__version__ == version("pypline-async") != "0+unknown"
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and pypline.__version__ in r.output
+    with pytest.raises(AttributeError):
+        pypline.no_such_name  # noqa: B018

@@ -26,7 +26,7 @@ if os.environ.get("PYPLINE_REQUIRE_ENGINES"):
     import distributed as distributed
 else:
     distributed = pytest.importorskip(
-        "distributed", reason="dask[distributed] is not installed (pip install 'pypline[dask]')"
+        "distributed", reason="dask[distributed] is not installed (pip install 'pypline-async[dask]')"
     )
 
 import dask  # noqa: E402  # type: ignore[import-not-found,import-untyped,unused-ignore]

@@ -28,7 +28,7 @@ import pytest
 if os.environ.get("PYPLINE_REQUIRE_ENGINES"):
     import ray as ray
 else:
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'pypline[ray]')")
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'pypline-async[ray]')")
 
 import psutil  # noqa: E402
 

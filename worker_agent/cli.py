@@ -47,7 +47,7 @@ def _Exit(message: str, code: int) -> click.ClickException:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pypline", prog_name="pypline-agent")
+@click.version_option(package_name="pypline-async", prog_name="pypline-agent")
 def main() -> None:
     """Run multi_proc pipeline stages for remote pypline clients.
 

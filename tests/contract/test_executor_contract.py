@@ -51,7 +51,7 @@ _SHARED: dict[str, Any] = {}
 
 def _dask_backend() -> Backend:
     if importlib.util.find_spec("distributed") is None and not os.environ.get("PYPLINE_REQUIRE_ENGINES"):
-        pytest.skip("dask[distributed] is not installed (pip install 'pypline[dask]')")
+        pytest.skip("dask[distributed] is not installed (pip install 'pypline-async[dask]')")
     from distributed import LocalCluster  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
     from pypline.backends.on_dask import DaskBackend
@@ -63,7 +63,7 @@ def _dask_backend() -> Backend:
 
 def _ray_backend() -> Backend:
     if importlib.util.find_spec("ray") is None and not os.environ.get("PYPLINE_REQUIRE_ENGINES"):
-        pytest.skip("ray is not installed (pip install 'pypline[ray]')")
+        pytest.skip("ray is not installed (pip install 'pypline-async[ray]')")
     import ray  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
     from pypline.backends.on_ray import RayBackend
