@@ -76,15 +76,12 @@ from pypline.executor import RemoteError
 
 from ._procworker import (
     ARENA_ALIGN,
-    ARENA_HEAD,
-    ARENA_TAIL,
     EMIT,
     ERROR,
     IOV_BATCH,
     REVOKE,
     FrameReader,
     advance,
-    arena_table_bytes,
     decode,
     message_header,
     one_frame_header,
@@ -148,17 +145,10 @@ class Arena:
     the worker died: the whole arena goes with it (``close``); its replacement
     gets a new one. Task ids are never reused within an executor.
 
-    What user code in the worker gets never refers to the arena, with one
-    exception: raw ``bytearray``/``memoryview`` values and pickle's out-of-band
-    buffers are copied out, and a pickle stream is read in place by the unpickler,
-    which copies what it keeps; but a big ``bytes`` item is a ``bytes`` object laid
-    over its slot (``_procworker._ArenaBytes``, where the interpreter's layout
-    allows; elsewhere a copy). User code may keep that object beyond its task, so
-    the worker *pins* the slot (a byte per page in the table at the start of the
-    arena) before the call and unpins it only once nothing else references the
-    object; ``sweep`` skips pinned slots. A slot is therefore reused only when its
-    task is out of flight AND it is not pinned. A kept object keeps its slot; when
-    kept ones fill the arena, further buffers take the socket.
+    What user code in the worker gets never refers to the arena: raw ``bytes``/
+    ``bytearray``/``memoryview`` values and pickle's out-of-band buffers are copied
+    out, and a pickle stream is read in place by the unpickler, which copies what it
+    keeps. So a slot is free as soon as its task is out of flight.
 
     **No leaks.** The memfd has no name; the parent closes its fd once the worker
     has it, and unmaps at ``close``; the worker's mapping goes when it exits (it
@@ -177,9 +167,7 @@ class Arena:
             raise
         self.size = size
         self.view: memoryview | None = memoryview(self._map)
-        table = arena_table_bytes(size)
-        self.pinned = self.view[:table]  # one byte per page, set by the worker (_ArenaBytes)
-        self._free: list[list[int]] = [[table, size - table]]  # [offset, size], sorted, coalesced
+        self._free: list[list[int]] = [[0, size]]  # [offset, size], sorted, coalesced
         self._used: dict[int, tuple[int, int]] = {}  # offset -> (slot size, owner task id)
         self.in_flight: Callable[[int], bool] = lambda tid: True
 
@@ -204,7 +192,7 @@ class Arena:
         if view is None:
             return None
         n = buf.nbytes
-        need = -(-(ARENA_HEAD + n + ARENA_TAIL) // ARENA_ALIGN) * ARENA_ALIGN
+        need = -(-n // ARENA_ALIGN) * ARENA_ALIGN
         off = self._take(need)
         if off is None:
             self.sweep(owner)
@@ -213,10 +201,9 @@ class Arena:
                 return None
         if buf.format != "B" or buf.ndim != 1:
             buf = buf.cast("B")
-        start = off + ARENA_HEAD
-        view[start : start + n] = buf
+        view[off : off + n] = buf
         self._used[off] = (need, owner)
-        return start
+        return off
 
     def _take(self, need: int) -> int | None:
         for ext in self._free:  # first fit: low offsets, whose pages are touched already
@@ -232,9 +219,8 @@ class Arena:
     def sweep(self, keep: int) -> None:
         """Free the slots of tasks no longer in flight (except ``keep``'s: being encoded now)."""
         in_flight = self.in_flight
-        pinned = self.pinned
         for off, (_, owner) in list(self._used.items()):
-            if owner != keep and not in_flight(owner) and not pinned[off // ARENA_ALIGN]:
+            if owner != keep and not in_flight(owner):
                 self.release(off)
 
     def release(self, off: int) -> None:
@@ -256,7 +242,6 @@ class Arena:
         self._used.clear()
         self._free = []
         try:
-            self.pinned.release()
             if self.view is not None:
                 self.view.release()
             if self._map is not None:

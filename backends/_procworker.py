@@ -29,8 +29,8 @@ or cannot be unpickled on the other side, fails only its own item) and appears i
 the envelope as ``(tag, data)``, followed by its protocol-5 out-of-band buffers
 (numpy arrays, ...) as separate frames. A large ``bytes``/``bytearray``/
 ``memoryview`` value travels as a raw frame: the sender hands its memory to
-``sendmsg`` (no pickling, no copy) and the receiver ``recv_into``s a buffer of the
-exact size (for ``bytes``, the new ``bytes`` object itself: ``new_bytes``). Small
+``sendmsg`` (no pickling, no copy) and the receiver ``recv_into``s a ``bytearray`` of
+the exact size (a ``bytes`` value is made from it: one copy, an ordinary object). Small
 frames are parsed out of one reusable read buffer, so many small messages cost one
 ``recv``.
 
@@ -38,10 +38,8 @@ frames are parsed out of one reusable read buffer, so many small messages cost o
 ``BIG_FRAME`` bytes is copied once into the worker's arena (a memfd both map:
 ``_procpool.Arena``) and only its offset travels (``IN_ARENA`` in its length
 word); it arrives as ``InArena`` and ``decode`` never lets user code keep a view
-of it: a ``bytes`` item becomes a ``bytes`` object laid over the slot itself
-(``_ArenaBytes``: no copy here, the slot pinned while anything references it),
-anything else is copied out (``bytearray``, memoryviews, out-of-band buffers) or
-read in place by the unpickler. Without an arena (no memfd), or when it is full,
+of it: it is copied out (``bytes``, ``bytearray``, memoryviews, out-of-band buffers:
+one copy into an ordinary object) or read in place by the unpickler. Without an arena (no memfd), or when it is full,
 frames take the socket as above. Results come back on the socket.
 
 **Faults.** The shared ``slot`` (8 bytes of shared memory) holds the id of the task
@@ -59,7 +57,6 @@ cloudpickle only when a value needs it. That halves a worker's start-up.
 
 from __future__ import annotations
 
-import ctypes
 import io
 import itertools
 import mmap
@@ -115,30 +112,16 @@ _COUNT = struct.Struct("<I")
 _LEN = struct.Struct("<Q")
 ONE_FRAME_HEAD = struct.Struct("<IQ")  # the header of a message of one frame: count, length
 
-#: Set in a frame's length when the sender had it as ``bytes``: the receiver then
-#: reads a big one straight into a new ``bytes`` object (see ``new_bytes``).
-IMMUTABLE = 1 << 63
-
 #: Set in a frame's length when the frame's data is in the receiver's shared-memory
 #: arena (see ``_procpool.Arena``): the frame on the wire is then only the 8-byte
 #: offset, and the length word (without the flags) is the data's size.
 IN_ARENA = 1 << 62
 
-_FLAGS = IMMUTABLE | IN_ARENA
+_FLAGS = IN_ARENA
 
-#: Arena layout (both sides): a table of one "pinned" byte per ARENA_ALIGN page
-#: (written by the worker), then slots of whole pages. A slot's data starts
-#: ARENA_HEAD bytes in and is followed by one spare byte: room for the header and
-#: the terminating NUL of a ``bytes`` object laid over it (``_ArenaBytes``).
+#: Arena layout (both sides): slots of whole ARENA_ALIGN pages, each holding one frame's data
+#: from its first byte. Page-sized slots keep a big frame's pages to itself.
 ARENA_ALIGN = 4096
-ARENA_HEAD = 64
-ARENA_TAIL = 1
-
-
-def arena_table_bytes(size: int) -> int:
-    """Bytes of the pinned table at the start of an arena of ``size`` bytes (whole pages)."""
-    n = size // ARENA_ALIGN
-    return -(-n // ARENA_ALIGN) * ARENA_ALIGN
 
 
 # Value tags in an envelope.
@@ -239,7 +222,7 @@ class Encoder:
         self.arena = arena
         self._swept = False
 
-    def _big(self, buf: Any, immutable: bool) -> int:
+    def _big(self, buf: Any) -> int:
         """Append a frame of at least BIG_FRAME bytes (in the arena if there is room); its index."""
         arena = self.arena
         if arena is not None:
@@ -251,8 +234,6 @@ class Encoder:
             if off is not None:
                 self.frames.append(Flagged(_LEN.pack(off), view.nbytes | IN_ARENA))
                 return len(self.frames) - 1
-        if immutable and type(buf) is not bytes:  # received straight into a new bytes object
-            buf = Flagged(buf, memoryview(buf).nbytes | IMMUTABLE)
         self.frames.append(buf)
         return len(self.frames) - 1
 
@@ -263,19 +244,19 @@ class Encoder:
             return INLINE, v
         if t is RawValue:
             if v.mutable:
-                return RAW, (self._big(v.buf, False), RAW_BYTEARRAY)
-            return RAW, (self._big(v.buf, True), RAW_BYTES)
+                return RAW, (self._big(v.buf), RAW_BYTEARRAY)
+            return RAW, (self._big(v.buf), RAW_BYTES)
         if t is memoryview and v.c_contiguous:  # pickle refuses memoryviews: always a raw frame
             flat = v.cast("B") if v.format != "B" or v.ndim != 1 else v
             if flat.nbytes >= BIG_FRAME:
-                index = self._big(flat, False)
+                index = self._big(flat)
             else:
                 self.frames.append(flat)
                 index = len(self.frames) - 1
             return RAW, (index, RAW_MEMORYVIEW, v.format, v.shape)
         if t is bytes or t is bytearray:
             if len(v) >= BIG_FRAME:
-                return RAW, (self._big(v, t is bytes), RAW_BYTES if t is bytes else RAW_BYTEARRAY)
+                return RAW, (self._big(v), RAW_BYTES if t is bytes else RAW_BYTEARRAY)
             if t is bytes:
                 return INLINE, v
         f = self._file
@@ -294,11 +275,11 @@ class Encoder:
         data = f.getvalue()
         index = len(self.frames)
         if len(data) >= BIG_FRAME:
-            self._big(data, True)
+            self._big(data)
         else:
             self.frames.append(data)
         for b in oob:  # each at least BIG_FRAME (_on_buffer)
-            self._big(b, False)
+            self._big(b)
         return BLOB, (index, len(oob))
 
     def finish(self, envelope: Any) -> list[Any]:
@@ -312,38 +293,6 @@ class Encoder:
 def _new_bytearray(size: int) -> tuple[bytearray, memoryview]:
     buf = bytearray(size)
     return buf, memoryview(buf)
-
-
-def _bytes_data_offset() -> int | None:
-    """Where a ``bytes`` object's data starts, if this interpreter lets us fill one (CPython)."""
-    if sys.implementation.name != "cpython":
-        return None
-    try:
-        offset = bytes.__basicsize__ - 1  # the data follows the header; basicsize counts its NUL
-        probe = bytes(16)
-        ctypes.memmove(id(probe) + offset, b"0123456789abcdef", 16)
-        return offset if probe == b"0123456789abcdef" else None
-    except Exception:  # noqa: BLE001 - any surprise: use the portable path
-        return None
-
-
-_BYTES_DATA = _bytes_data_offset()
-
-
-def new_bytes(size: int) -> tuple[bytes | bytearray, memoryview]:
-    """A new, not yet shared ``bytes`` of ``size`` and a writable view to fill it.
-
-    A big ``bytes`` item would otherwise be received into a ``bytearray`` and copied
-    into a ``bytes``: twice the memory traffic and twice the page faults. CPython
-    itself builds a ``bytes`` by allocating it and then writing its data; this does
-    the same from Python, for an object nobody else has seen yet (``bytes(n)`` is
-    calloc'ed: fresh zero pages, no memset). Elsewhere it is a ``bytearray``.
-    """
-    if _BYTES_DATA is None:
-        return _new_bytearray(size)
-    obj = bytes(size)
-    raw = (ctypes.c_char * size).from_address(id(obj) + _BYTES_DATA)
-    return obj, memoryview(raw).cast("B")
 
 
 def _own(buf: Any) -> Any:
@@ -370,8 +319,6 @@ def decode(tag: int, data: Any, frames: Sequence[Any]) -> Any:
     buf = frames[index]
     if type(buf) is InArena:
         if code == RAW_BYTES:
-            if _arena_bytes is not None:  # a bytes object over the slot itself: no copy
-                return _arena_bytes.make(buf.off, buf.view.nbytes)
             return bytes(buf.view)  # one copy, straight out of the arena
         buf = bytearray(buf.view)
     if code == RAW_BYTES:
@@ -386,21 +333,21 @@ def decode(tag: int, data: Any, frames: Sequence[Any]) -> Any:
 def _length(f: Any) -> int:
     t = type(f)
     if t is bytes:
-        return len(f) | IMMUTABLE
+        return len(f)
     if t is Flagged:
         return int(f.length)
     return memoryview(f).nbytes
 
 
 def message_header(frames: Sequence[Any]) -> bytes:
-    """The count and length table; a ``bytes`` frame's length carries IMMUTABLE (``Flagged``: its own)."""
+    """The count and length table (a ``Flagged`` frame carries its own length word)."""
     n = len(frames)
     return _COUNT.pack(n) + struct.pack(f"<{n}Q", *[_length(f) for f in frames])
 
 
 def one_frame_header(data: bytes) -> bytes:
     """``message_header([data])`` for a message of one ``bytes`` frame, without the general table."""
-    return ONE_FRAME_HEAD.pack(1, len(data) | IMMUTABLE)
+    return ONE_FRAME_HEAD.pack(1, len(data))
 
 
 def wire_view(f: Any) -> memoryview:
@@ -520,7 +467,6 @@ class FrameReader:
             lengths = self.lengths
             while len(frames) < self.nframes:
                 size = lengths[len(frames)]
-                immutable = size & IMMUTABLE
                 avail = self.end - self.start
                 if size & IN_ARENA:
                     if avail < 8:
@@ -535,7 +481,7 @@ class FrameReader:
                     continue
                 size &= ~_FLAGS
                 if size >= BIG_FRAME:
-                    big, big_view = new_bytes(size) if immutable else _new_bytearray(size)
+                    big, big_view = _new_bytearray(size)  # a bytes frame becomes bytes in decode (one copy)
                     take = min(avail, size)
                     big_view[:take] = view[self.start : self.start + take]
                     self.start += take
@@ -583,105 +529,6 @@ def exception_fields(exc: BaseException) -> tuple[str, str, str]:
 # --- the worker process -----------------------------------------------------------------
 
 
-class _ArenaBytes:
-    """``bytes`` objects laid over arena slots, so a big ``bytes`` item costs no copy here.
-
-    CPython only, with the GIL, on versions whose ``bytes`` layout is checked at
-    start-up (``create``): a ``bytes`` object is a fixed header followed by its data
-    and a NUL, and the parent left ARENA_HEAD bytes before and one after each slot's
-    data. The worker writes a header there (type ``bytes``, its size, no cached hash,
-    a reference count of 1 that nobody owns) and hands out that object. Since that
-    count never drops, CPython never tries to free memory it did not allocate.
-
-    **Lifetime.** Each such object is *pinned* from its creation: the worker sets
-    the slot's byte in the arena's pinned table, and the parent does not reuse a
-    slot whose byte is set, even after its task is done (``_procpool.Arena.sweep``).
-    ``release`` (before and after each flush of outcomes) unpins the objects that
-    only this class still references (``sys.getrefcount``: nothing in user code, an
-    outcome or a frame can reach them any more). An object user code keeps (a cache,
-    a global) stays pinned, with its slot, as long as it lives. The byte is set
-    before the call starts and the task's outcome is sent after it, so by the time
-    the parent sees the task done it sees the pin too.
-    """
-
-    #: References of an unused object during ``release``: the one nobody owns,
-    #: ``pinned``'s, and getrefcount's argument.
-    BASELINE = 3
-
-    def __init__(self, arena: mmap.mmap) -> None:
-        self.map = arena
-        self.base = ctypes.addressof(ctypes.c_char.from_buffer(arena))
-        self.table = memoryview(arena)[: arena_table_bytes(len(arena))]
-        self.pinned: list[tuple[bytes, int]] = []
-        self.lock = threading.Lock()  # make() in the main thread, release() in either
-
-    @staticmethod
-    def create(arena: mmap.mmap | None) -> _ArenaBytes | None:
-        """One for this arena if this interpreter's ``bytes`` layout is the one we know, else None."""
-        if arena is None or not _layout_ok():
-            return None
-        try:
-            return _ArenaBytes(arena)
-        except (TypeError, ValueError):  # a read-only map: copies instead
-            return None
-
-    def make(self, off: int, n: int) -> bytes:
-        _HEADER.pack_into(self.map, off - _BYTES_HEAD, 1, id(bytes), n, -1)
-        self.map[off + n] = 0
-        page = (off - ARENA_HEAD) // ARENA_ALIGN
-        with self.lock:
-            self.table[page] = 1
-            obj: bytes = ctypes.cast(self.base + off - _BYTES_HEAD, ctypes.py_object).value
-            self.pinned.append((obj, page))
-        return obj
-
-    def release(self) -> None:
-        """Unpin the objects nothing else references any more."""
-        if not self.pinned:
-            return
-        with self.lock:
-            keep = []
-            for rec in self.pinned:
-                if sys.getrefcount(rec[0]) <= self.BASELINE:
-                    self.table[rec[1]] = 0
-                else:
-                    keep.append(rec)
-            self.pinned = keep
-
-
-#: The header of a ``bytes`` object (non-debug CPython with the GIL, 3.10-3.13):
-#: reference count, type, size, cached hash; the data follows it.
-_HEADER = struct.Struct("<qQqq")
-_BYTES_HEAD = _HEADER.size
-
-
-def _layout_ok() -> bool:
-    """Does a ``bytes`` built by ``_ArenaBytes.make`` behave like one, in this interpreter?"""
-    if (
-        sys.implementation.name != "cpython"
-        or not (3, 10) <= sys.version_info[:2] <= (3, 13)
-        or hasattr(sys, "gettotalrefcount")  # a debug build: other header
-        or bytes.__basicsize__ != _BYTES_HEAD + 1  # e.g. a free-threaded build: other header
-    ):
-        return False
-    try:
-        buf = (ctypes.c_char * 64)()
-        _HEADER.pack_into(buf, 0, 1, id(bytes), 5, -1)
-        ctypes.memmove(ctypes.addressof(buf) + _BYTES_HEAD, b"probe\0", 6)
-        probe = ctypes.cast(ctypes.addressof(buf), ctypes.py_object).value
-        ok = type(probe) is bytes and len(probe) == 5 and probe == b"probe" and hash(probe) == hash(b"probe")
-        _PROBES.append((buf, probe))  # never freed: its count must not drop to 0
-        return ok
-    except Exception:  # noqa: BLE001 - any surprise: copies instead
-        return False
-
-
-_PROBES: list[Any] = []
-
-#: Set in a worker process with an arena, where ``_layout_ok()``.
-_arena_bytes: _ArenaBytes | None = None
-
-
 class _Worker:
     """The worker's state: its function, task queue, outbox and the two helper threads."""
 
@@ -691,7 +538,7 @@ class _Worker:
         self.sock = sock
         self.lifeline = lifeline
         self.slot_map = slot
-        self.slot = ctypes.c_uint64.from_buffer(slot)  # one store per task, no system call
+        self.slot = memoryview(slot).cast("Q")  # slot[0] := task id: one store per task, no system call
         self.parent = parent
         self.reader = FrameReader(sock, memoryview(arena) if arena is not None else None)
         self.poller = select.poll()
@@ -824,12 +671,7 @@ class _Worker:
             outbox = self.outbox
             if not outbox:
                 return
-            pinned = _arena_bytes
-            if pinned is not None:
-                pinned.release()  # before the outcomes go: their slots can be reused at once
             self._flush(outbox)
-            if pinned is not None:
-                pinned.release()  # values that were only in those outcomes
 
     def _flush(self, outbox: deque[tuple[Any, ...]]) -> None:
         """Send the outbox as one message (under ``lock``)."""
@@ -1036,7 +878,7 @@ class _Worker:
                     continue
             if number != self.number:
                 self._info(number)
-            slot.value = tid
+            slot[0] = tid
             try:
                 value = fn(item)
                 if type(value) is _CoroutineType:  # a def that returned a coroutine
@@ -1045,8 +887,8 @@ class _Worker:
                 event: tuple[Any, ...] = (tid, ERROR, exc)
             else:
                 event = (tid, OK, value)
-            slot.value = 0
-            item = value = None  # no reference left here (an item may pin arena memory: _ArenaBytes)
+            slot[0] = 0
+            item = value = None  # no reference left here: a big item's memory is freed now
             t1 = clock()
             if not outbox:
                 self.out_first = t1
@@ -1086,7 +928,7 @@ class _Worker:
             if number != self.number:
                 self._info(number)
             self.emitted_sent = False
-            slot.value = tid
+            slot[0] = tid
             t0 = clock()
             try:
                 for v in fn(item):
@@ -1096,11 +938,11 @@ class _Worker:
             else:
                 event = (tid, OK, None)
             t1 = clock()
-            item = v = None  # no reference left here (an item may pin arena memory: _ArenaBytes)
+            item = v = None  # no reference left here: a big item's memory is freed now
             if not outbox:
                 self.out_first = t1
             outbox.append(event)
-            slot.value = 0
+            slot[0] = 0
             busy += t1 - t0
             done += 1
             k += 1
@@ -1139,7 +981,7 @@ class _Worker:
             if number != self.number:
                 self._info(number)
             self.emitted_sent = False
-            slot.value = tid
+            slot[0] = tid
             t0 = clock()
             try:
                 if agen:
@@ -1161,7 +1003,7 @@ class _Worker:
             if not outbox:
                 self.out_first = t1
             outbox.append(event)
-            slot.value = 0
+            slot[0] = 0
             self.busy_s += t1 - t0
             self.done += 1
             self.since_sample += 1
@@ -1258,14 +1100,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.close(slot_fd)
     arena = None
     if arena_fd >= 0:
-        try:  # the parent writes slots' data; this process headers and the pinned table
-            arena = mmap.mmap(arena_fd, os.fstat(arena_fd).st_size)
+        try:  # the parent writes slots' data; this process only reads them
+            arena = mmap.mmap(arena_fd, os.fstat(arena_fd).st_size, prot=mmap.PROT_READ)
         except OSError:  # e.g. an address-space limit: "ready" tells the parent to use the socket
             arena = None
         finally:
             os.close(arena_fd)
-    global _arena_bytes
-    _arena_bytes = _ArenaBytes.create(arena)
     worker = _Worker(sock, life_fd, slot, parent, arena)
     worker.start_threads()
     try:
