@@ -1064,23 +1064,6 @@ def _exit_now() -> None:
         os._exit(0)
 
 
-def _batch_scheduling() -> None:
-    """Ask Linux to schedule this worker as a batch (throughput) process.
-
-    SCHED_BATCH keeps the worker's fair share of CPU (same nice level, same
-    weight) but stops a wake-up of it from preempting the running process. On a
-    machine with fewer cores than parent + workers that matters: without it, each
-    message the parent sends wakes a worker that takes the parent's core at once,
-    so the parent sends to the next worker only after the first has finished its
-    batch, and parent and workers run in turn instead of side by side.
-    """
-    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        except OSError:  # not allowed here (some containers): the default policy is fine too
-            pass
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of a worker process: ``main([data_fd, lifeline_fd, slot_fd, parent_pid, arena_fd])``.
 
@@ -1093,7 +1076,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     arena_fd = int(args[4]) if len(args) > 4 else -1
     # Ctrl-C goes to the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _batch_scheduling()
     sock = socket.socket(fileno=data_fd)
     sock.setblocking(True)
     slot = mmap.mmap(slot_fd, 8)

@@ -134,9 +134,8 @@ _NUMBER = attrgetter("number")
 class ProcessExecutor(Executor):
     """Runs one stage's workers in local processes. See the module docstring."""
 
-    def __init__(self, spec: StageSpec, backend: ProcessBackend | None = None) -> None:
+    def __init__(self, spec: StageSpec) -> None:
         self._spec = spec
-        self._backend = backend  # where warm spare processes come from (None: always spawn)
         self._n = spec.num_workers
         self._timeout = spec.timeout
         self._workers: list[WorkerProc | None] = [None] * self._n
@@ -597,13 +596,7 @@ class ProcessExecutor(Executor):
         i = dead.index
         while not self._closed:
             try:
-                spare = self._backend.take_spare(self._loop) if self._backend is not None else None
-                if spare is not None:  # booted already, never ran user code: only the hello to send
-                    spare.index = i
-                    self._procs.add(spare)
-                    self._workers[i] = w = spare
-                else:
-                    w = self._spawn(i)
+                w = self._spawn(i)
                 await w.handshake(self._hellos[i])
             except Exception as exc:  # noqa: BLE001 - counted; after too many, the waiting items fail
                 w_now = self._workers[i]
@@ -707,53 +700,13 @@ class ProcessBackend(Backend):
 
     The processes of every stage of a run are started as soon as the run plans its
     stages (``executor()``), so they boot in parallel while the stages are set up.
-
-    **Warm spares.** Replacing a worker (a crash, a ``timeout``) costs a fresh
-    interpreter's start-up, ~50 ms here. After the first replacement in a run the
-    backend keeps one spare process booted (worker code loaded, no function yet)
-    for whichever stage of the run needs the next replacement: that one then only
-    waits for its function to load. Only processes that never ran user code are
-    shared between stages; a worker that ran a stage's function is never handed to
-    another (module state, threads or files it left behind stay with it). Spares
-    end with the run, like every worker.
+    A worker that crashed or timed out is replaced by a new process, started then.
     """
 
     name = "process"
 
-    def __init__(self) -> None:
-        self._spares: deque[WorkerProc] = deque()
-        self._every_spare: set[WorkerProc] = set()  # not yet reaped, handed out or not
-        self.spares_used = 0  # replacements that took a warm spare (statistics, tests)
-
-    def take_spare(self, loop: asyncio.AbstractEventLoop) -> WorkerProc | None:
-        """A booted spare for a replacement, or None; either way one more starts booting."""
-        spare = None
-        while self._spares and spare is None:
-            w = self._spares.popleft()
-            if w.eof or w.detached or w.proc.poll() is not None:  # died while waiting: not usable
-                w.reap()
-                self._every_spare.discard(w)
-            else:
-                spare = w
-        if spare is not None:
-            self._every_spare.discard(spare)  # its executor reaps it from now on
-            self.spares_used += 1
-        try:
-            w = WorkerProc(loop, -1)
-        except Exception:  # noqa: BLE001 - no spare this time; replacements still spawn their own
-            log.debug("could not boot a spare worker process", exc_info=True)
-        else:
-            self._spares.append(w)
-            self._every_spare.add(w)
-        return spare
-
-    async def aclose(self) -> None:
-        spares, self._every_spare = list(self._every_spare), set()
-        self._spares.clear()
-        await _stop_processes(spares)
-
     def executor(self, spec: StageSpec) -> Executor:
-        ex = ProcessExecutor(spec, self)
+        ex = ProcessExecutor(spec)
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no loop: start() spawns them

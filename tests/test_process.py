@@ -158,13 +158,13 @@ def scheduling_policy(_: Any) -> tuple[int, int]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux-only")
-def test_workers_run_as_batch_processes_at_the_parents_priority() -> None:
-    """Workers use SCHED_BATCH (a message to one does not preempt the parent) and keep its nice level."""
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="scheduling policies are Linux-only")
+def test_workers_run_with_the_parents_scheduling_policy_and_priority() -> None:
+    """Workers are ordinary processes: the parent's scheduling policy and nice level (no
+    tuning that could make them wait a whole time slice on a busy machine)."""
     stage = work_pool(scheduling_policy, multi_proc=True, num_workers=2, buffer=2)
     out = unwrap((Pipeline(range(6)) >> stage).run_sync())
-    assert set(out) == {(os.SCHED_BATCH, os.getpriority(os.PRIO_PROCESS, 0))}
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the parent is left alone
+    assert set(out) == {(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))}
 
 
 @pytest.mark.timeout(60)
@@ -307,22 +307,16 @@ def crash_first_attempts_below_4(x: int) -> tuple[int, int]:
 
 
 @pytest.mark.timeout(60)
-def test_replacements_after_the_first_take_a_warm_spare_shared_by_the_stages() -> None:
-    """Four crashes in each of two stages: the first replacement spawns; the other seven take a warm spare.
-
-    Spares never ran user code; the pids show no worker ran both stages' functions,
-    and the no_children fixture checks that the last spare ended with the run.
-    """
-    from pypline.backends.process import ProcessBackend
-
-    backend = ProcessBackend()
+def test_crashed_workers_are_replaced_and_never_shared_between_stages() -> None:
+    """Four crashes in each of two stages: each crashed worker is replaced by a new process,
+    every item succeeds on its second attempt, and no process ran both stages' functions
+    (the no_children fixture checks that none outlives the run)."""
     a = work_pool(crash_first_attempts_below_4, multi_proc=True, num_workers=1, retries=2, buffer=1)
     b = work_pool(crash_first_attempts_below_4, multi_proc=True, num_workers=1, retries=2, buffer=1)
-    first = (Pipeline(range(8)) >> a).run_sync(executor=backend)
-    assert [x for x, _ in unwrap(first)] == list(range(8))
-    assert backend.spares_used == 3
+    first = unwrap((Pipeline(range(8)) >> a).run_sync())
+    assert [x for x, _ in first] == list(range(8))
+    assert len({pid for _, pid in first}) >= 2  # one worker, four crashes: served by new processes
 
-    backend = ProcessBackend()
     pids_a: list[int] = []
 
     def keep_pid(r: tuple[int, int]) -> int:
@@ -330,9 +324,8 @@ def test_replacements_after_the_first_take_a_warm_spare_shared_by_the_stages() -
         return r[0]
 
     both = Pipeline(range(8)) >> a >> work_pool(keep_pid, buffer=1) >> b
-    out = unwrap(both.run_sync(executor=backend))
+    out = unwrap(both.run_sync())
     assert [x for x, _ in out] == list(range(8))
-    assert backend.spares_used == 7  # 4 + 4 replacements, the first of the run spawned
     assert set(pids_a).isdisjoint(pid for _, pid in out)
 
 

@@ -3,8 +3,10 @@
 **malloc.** glibc serves allocations of 128 KiB and more with ``mmap`` and gives them back
 with ``munmap`` at ``free`` (and trims the heap's top): every MiB-sized payload then lands
 in fresh pages, paying a page fault per 4 KiB, in the agent (received frames, item
-copies, result buffers) and in its worker processes. Measured here, 4 MiB items moved
-through an agent about twice as fast once big blocks are reused instead. The cost: up to
+copies, result buffers) and in its worker processes. It stays because it is measured to
+help on a quiet and on a busy machine alike: W7 of ``tests/benchmarks/bench_remote.py``
+(200 x 4 MiB through an agent), with and without it, quiet and with one extra busy
+process, is in the project's CHANGELOG for the release that checked it. The cost: up to
 ``TRIM_THRESHOLD`` of freed memory stays with the process for reuse. Values the operator
 set in ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are left alone.
 """
