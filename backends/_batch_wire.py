@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 from pypline.executor import RemoteError, StageSpec, StageStartError
 from pypline.lowlevel import WorkerInfo, set_worker_info
 
-from ._procpool import _importable, _modules_of  # one rule for "ship by value" in every backend
+from ._procpool import importable, modules_of  # one rule for "ship by value" in every backend
 from ._procworker import exception_fields  # one way to describe a remote error
 
 __all__ = [
@@ -86,11 +86,11 @@ def pickle_function(spec: StageSpec) -> bytes:
     import cloudpickle  # type: ignore[import-untyped,unused-ignore]
 
     for wf in spec.workers:
-        for name in _modules_of(wf.fn):
+        for name in modules_of(wf.fn):
             module = sys.modules.get(name)
             if module is None or name == "__main__":
                 continue  # cloudpickle already ships __main__ by value
-            if not _importable(name, getattr(module, "__file__", None)):
+            if not importable(name, getattr(module, "__file__", None)):
                 try:
                     cloudpickle.register_pickle_by_value(module)
                 except (ValueError, TypeError):  # pragma: no cover - not registrable: try by reference

@@ -27,7 +27,7 @@ batch costs one round trip, amortised by batches of ~50 ms of work.
 about ``target_call_s`` of work (set per engine from its per-call overhead), at most
 ``MAX_BATCH`` attempts, and, where the engine sets ``max_call_bytes``, about that many
 bytes of pickled items (by their average size so far; Ray, whose big arguments go
-through its shared-memory object store). The engine's §2.6 bound caps what a stage holds anyway
+through its shared-memory object store). The engine's memory bound caps what a stage holds anyway
 (``buffer + num_workers`` items), so with the default ``buffer=16`` a call carries at
 most a handful of items; a larger ``buffer`` lets microsecond calls travel hundreds at
 a time.
@@ -47,7 +47,7 @@ fails the whole call (``_batch_wire`` says what travels and how errors keep thei
   suspects then run one per call with nothing else queued at their worker (on
   Dask: with no other call of the stage anywhere), normal work waiting meanwhile.
   A suspect that kills its worker again gets ``WorkerDied``, which costs it one
-  attempt (SPEC §2.5: the item may be what kills it); the others simply succeed.
+  attempt (the item may be what kills it); the others simply succeed.
   Execution is at-least-once.
 - ``lost``: the engine lost the worker or the connection (a node died, the scheduler
   went away): each attempt of the call is reported ``lost`` (not the item's fault;
@@ -113,7 +113,7 @@ class Call:
         "generation",
         "key",
         "solo",
-    )
+   )
 
     def __init__(self, slot: int, attempts: list[Attempt], seq: int, generation: int) -> None:
         self.slot = slot
@@ -337,7 +337,7 @@ class BatchingExecutor(Executor):
             return
         queued = any(id(a) in suspects for a in self._queue) or any(
             id(a) in suspects for s in self._slots for a in s.own
-        )
+       )
         if not queued:
             suspects.clear()  # every suspect was reported: back to normal
             self._schedule()
@@ -448,7 +448,7 @@ class BatchingExecutor(Executor):
 
     async def _call_returned(
         self, call: Call, outcomes: list[Any], spent: float, durations: list[float] | None
-    ) -> None:
+   ) -> None:
         self._release(call)
         self._retire(call)
         s = self._slots[call.slot]
@@ -548,7 +548,7 @@ class BatchingExecutor(Executor):
                     "stage %r: a worker died with %d attempt(s) of this stage; re-running each alone to find the cause",
                     self._spec.name,
                     len(call.attempts),
-                )
+               )
                 self._requeue(call.attempts, alone=True)
         elif kind == LOST:
             self._repair(call.slot, f"lost: {detail}")
@@ -629,4 +629,4 @@ class BatchingExecutor(Executor):
                 "batch_limits": [s.limit for s in self._slots],
                 **self._details(),
             },
-        )
+       )

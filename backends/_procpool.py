@@ -544,7 +544,7 @@ class _RemoteTraceback(RemoteError):
         return f"{self.type_name}: {self.message}\n\nRemote traceback (worker process):\n{self.traceback_text}"
 
 
-def _importable(name: str, file: str | None) -> bool:
+def importable(name: str, file: str | None) -> bool:
     """Would a fresh interpreter with our ``sys.path`` import module ``name`` from ``file``?"""
     if not name or name == "__main__" or name.endswith(".__main__"):
         return False
@@ -577,7 +577,7 @@ def _importable(name: str, file: str | None) -> bool:
         return False
 
 
-def _modules_of(fn: Any) -> list[str]:
+def modules_of(fn: Any) -> list[str]:
     """The modules whose code ``fn`` is: its own, and its class's for a callable object or method."""
     target = fn
     while isinstance(target, functools.partial):
@@ -600,11 +600,11 @@ def pickle_function(fn: Callable[..., Any]) -> bytes:
     """cloudpickle ``fn``, by value for modules a worker could not import by name."""
     import cloudpickle  # type: ignore[import-untyped]
 
-    for name in _modules_of(fn):
+    for name in modules_of(fn):
         module = sys.modules.get(name)
         if module is None or name == "__main__":
             continue  # cloudpickle already ships __main__ by value
-        if _loaded_by_a_hook(module) or not _importable(name, getattr(module, "__file__", None)):
+        if _loaded_by_a_hook(module) or not importable(name, getattr(module, "__file__", None)):
             try:
                 cloudpickle.register_pickle_by_value(module)
             except (ValueError, TypeError):  # pragma: no cover - not registrable: try by reference

@@ -19,7 +19,7 @@
     u32 nframes | nframes x u64 length | frame 0 (envelope) | frame 1 | ... | frame n-1
 
 The envelope is a plain ``pickle`` (protocol 5) of a tuple ``(kind, ...)`` holding
-ints, strings and values of a few builtin types (``_INLINE_TYPES``), so it never
+ints, strings and values of a few builtin types (``INLINE_TYPES``), so it never
 fails and always loads. Task ids are consecutive within a ``tasks`` message (only
 the first is sent; attempt numbers only when one is not 1), and a flush whose
 outcomes are all in-order results of builtin types is a compact ``results``
@@ -143,7 +143,7 @@ ERROR = 2
 
 #: Types whose values go into the envelope as they are: plain pickle handles them,
 #: and they load in any interpreter.
-_INLINE_TYPES = frozenset({int, float, str, bool, type(None), complex})
+INLINE_TYPES = frozenset({int, float, str, bool, type(None), complex})
 
 
 class RawValue:
@@ -240,7 +240,7 @@ class Encoder:
     def value(self, v: Any) -> tuple[int, Any]:
         """Encode one value; raises whatever pickling raises (nothing is appended then)."""
         t = type(v)
-        if t in _INLINE_TYPES:
+        if t in INLINE_TYPES:
             return INLINE, v
         if t is RawValue:
             if v.mutable:
@@ -681,7 +681,7 @@ class _Worker:
         self.busy_s = 0.0
         self.done = 0
         self.samples = []
-        inline = _INLINE_TYPES
+        inline = INLINE_TYPES
         first = events[0][0]
         values: list[Any] = []
         for tid, code, value in events:  # the common case: in-order results of builtin types

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pypline.worker_agent import protocol as P
+from .wire import protocol as P
 
 from pypline import RemoteError, WorkerLost
 from pypline.executor import (

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
-from pypline.worker_agent import protocol as P
-from pypline.worker_agent.sockets import recv_now, send_now
+from .wire import protocol as P
+from .wire.sockets import recv_now, send_now
 
 from pypline.executor import Attempt
 
 if TYPE_CHECKING:
-    from pypline.worker_agent.security import ClientKeys
+    from .wire.keys import ClientKeys
 
     from .remote import RemoteExecutor, ZmqBackend
 

@@ -24,7 +24,7 @@ client if you made one, else the ``scheduler-address`` of the Dask configuration
 run (``threads_per_worker=1`` unless given) and closes it afterwards. Your own client
 and cluster are never closed. Workers need ``pypline`` installed (same version).
 
-**Latency.** With the default ``buffer`` a stage holds few items (§2.6), so its
+**Latency.** With the default ``buffer`` a stage holds few items (the memory bound), so its
 throughput is what it holds divided by one call's round trip. Two Dask defaults
 would add to every round trip: the client writes to the scheduler at most every
 10 ms, so a task submitted right after another message waits; and releasing a
@@ -180,7 +180,7 @@ class DaskExecutor(BatchingExecutor):
         except Exception as exc:
             raise StageStartError(
                 self._spec.name, f"its functions could not be loaded on the Dask workers: {type(exc).__name__}: {exc}"
-            ) from exc
+           ) from exc
         self._registered = True
 
     def _send(self, call: Call, payloads: list[bytes]) -> Awaitable[Any]:
@@ -204,7 +204,7 @@ class DaskExecutor(BatchingExecutor):
             self._timing,
             key=call.key,
             pure=False,
-        )
+       )
         call.handle = fut
         if self._spent:
             self._spent.clear()  # their release travels to the scheduler in the same write
@@ -234,7 +234,7 @@ class DaskExecutor(BatchingExecutor):
             return DIED, (
                 f"stage {self._spec.name!r}: the Dask worker process died while running it "
                 f"({tried} died trying, the last one {last}; Dask gave up with KilledWorker)"
-            )
+           )
         if isinstance(exc, FutureCancelledError):
             if call.settled or self._closed:
                 return IGNORE, None
@@ -257,7 +257,7 @@ class DaskExecutor(BatchingExecutor):
         return TimeoutError(
             f"attempt {a.number} of stage {self._spec.name!r}: no answer from Dask within {waited:g} s "
             f"(timeout {self._spec.timeout:g} s per attempt plus {TIMEOUT_GRACE_S:g} s); its future was cancelled"
-        )
+       )
 
     def _abandon(self, calls: list[Call], why: str) -> None:
         futures = [c.handle for c in calls if c.handle is not None]
@@ -349,7 +349,7 @@ class DaskBackend(Backend):
                 return _Connection(client, owned_client=False)
             return _Connection(
                 await self._client_to(client.scheduler.address, security=getattr(client, "security", None)), True
-            )
+           )
         address = self.address
         if address is None:
             try:
@@ -363,7 +363,7 @@ class DaskBackend(Backend):
                     return _Connection(default, owned_client=False)
                 return _Connection(
                     await self._client_to(default.scheduler.address, getattr(default, "security", None)), True
-                )
+               )
             address = dask.config.get("scheduler-address", None)
         if address is not None:
             return _Connection(await self._client_to(address), True)

@@ -18,7 +18,7 @@ How an item flows::
     reaches the worker through the socket)
 
 **Credits (adaptive batching).** ``capacity()`` is ``num_workers x MAX_CREDITS``
-minus every attempt handed to us and not yet reported, so the engine's §2.6
+minus every attempt handed to us and not yet reported, so the engine's memory
 bound holds (its permits cap the total anyway) and capacity returns exactly with
 each terminal report. What a worker may *hold* is its own adaptive limit; the
 rest waits here, unsent, for whichever worker frees a slot first. A limit starts
@@ -78,7 +78,7 @@ except ImportError:  # pragma: no cover - an engine without run statistics
     LATENCY_SAMPLE_EVERY = 32
 
 from ._procpool import WorkerProc, WorkerStartFailed, decode_event, pickle_function
-from ._procworker import _INLINE_TYPES, BLOB, EMIT, ERROR, INLINE, OK, Encoder, RawValue
+from ._procworker import INLINE_TYPES, BLOB, EMIT, ERROR, INLINE, OK, Encoder, RawValue
 
 __all__ = ["ProcessBackend", "ProcessExecutor", "RawValue"]  # RawValue: for the agent (server.py)
 
@@ -200,13 +200,13 @@ class ProcessExecutor(Executor):
                         spec.name,
                         f"its function {name} (worker {i}) cannot be pickled to run in a worker process: "
                         f"{type(exc).__name__}: {exc}",
-                    ) from exc
+                   ) from exc
             env = ("hello", spec.name, i, wf.kind.value, BLOB, (1, 0), LATENCY_SAMPLE_EVERY)
             self._hellos.append([pickle.dumps(env, protocol=5), pickled[key]])
         if self._spawn_error is not None:
             raise StageStartError(
                 spec.name, f"could not start a worker process: {self._spawn_error}"
-            ) from self._spawn_error
+           ) from self._spawn_error
         if not self._procs:
             try:
                 for i in range(self._n):
@@ -220,7 +220,7 @@ class ProcessExecutor(Executor):
                 detail = f"\n{r.traceback_text}" if r.traceback_text else ""
                 raise StageStartError(
                     spec.name, f"its function could not be loaded in a worker process: {r}{detail}"
-                ) from r
+               ) from r
             if isinstance(r, BaseException):
                 raise r
         for w in workers:
@@ -339,7 +339,7 @@ class ProcessExecutor(Executor):
         first = tid = self._tid + 1
         if timeout is None:
             items = list(map(_ITEM, batch))
-            if _INLINE_TYPES.issuperset(map(type, items)) and _FIRST.issuperset(map(_NUMBER, batch)):
+            if INLINE_TYPES.issuperset(map(type, items)) and _FIRST.issuperset(map(_NUMBER, batch)):
                 # The common case (small builtin items, first attempts): no per-item work here.
                 inflight.update(zip(range(first, first + len(items)), batch))
                 self._tid = first + len(items) - 1
@@ -349,7 +349,7 @@ class ProcessExecutor(Executor):
         numbers: list[int] | None = None  # attempt numbers, sent only when one is not 1
         for a in batch:
             item = a.item
-            if type(item) not in _INLINE_TYPES:
+            if type(item) not in INLINE_TYPES:
                 mark = len(enc.frames)
                 enc.owner = tid  # owns the arena slots it takes
                 try:
@@ -377,7 +377,7 @@ class ProcessExecutor(Executor):
             err = pickle.PicklingError(
                 f"an item of type {type(a.item).__qualname__} cannot be pickled to send it to a worker "
                 f"process of stage {self._spec.name!r}: {type(why).__name__}: {why}"
-            )
+           )
             err.__cause__ = why
             self._report(a, ERROR, err)
 
@@ -466,7 +466,7 @@ class ProcessExecutor(Executor):
                 and not w.revoking
                 and len(w.inflight) > 1
                 and now - w.last_progress >= STUCK_AFTER_S
-            ):
+           ):
                 w.revoking = True
                 w.limit, w.flush_at = 1, 1  # nothing more for it until the long call ends
                 w.revoke()
@@ -545,7 +545,7 @@ class ProcessExecutor(Executor):
         exc = TimeoutError(
             f"attempt {a.number} of stage {self._spec.name!r} timed out after {self._timeout:g} s; "
             f"its worker process (pid {w.pid}) was killed and is being replaced"
-        )
+       )
         self._report(a, ERROR, exc)
         if w.eof:  # its end was seen already (the reader was paused): handle it now
             self._died(w)
@@ -591,7 +591,7 @@ class ProcessExecutor(Executor):
                 f"the item ({dead.describe_exit()}); a new process took its place",
                 exitcode=rc if rc is not None and rc >= 0 else None,
                 signal=-rc if rc is not None and rc < 0 else None,
-            )
+           )
             self._report(culprit, ERROR, exc)
         i = dead.index
         while not self._closed:
@@ -680,7 +680,7 @@ class ProcessExecutor(Executor):
             completed=self._submitted - self._held,
             workers_replaced=self._replaced,
             **extra,
-        )
+       )
 
 
 async def _stop_processes(procs: list[WorkerProc]) -> None:

@@ -16,7 +16,7 @@ How an item flows::
 **Credits.** ``capacity()`` is the sum over agents of their free credit for the stage,
 plus the local fallback's capacity when it runs. The engine already bounds a stage to
 ``buffer + num_workers`` items; the agents' windows bound how many of those are at
-an agent, so nothing is sent beyond what an agent granted (SPEC §2.6, §2.8).
+an agent, so nothing is sent beyond what an agent granted (see the memory bound in the docs).
 
 **Faults.** An agent that dies, is cut off (silent for ``heartbeat_timeout``), says BYE or
 restarts: every attempt in flight there is reported ``sink.lost(attempt, "host:port")``;
@@ -119,7 +119,7 @@ class ZmqBackend(Backend):
         keys_dir = effective_keys(settings)
         keys = None
         if keys_dir is not None and agents:
-            from pypline.worker_agent.security import KeyError_, load_client_keys
+            from .wire.keys import KeyError_, load_client_keys
 
             try:
                 keys = load_client_keys(keys_dir)
@@ -150,18 +150,18 @@ class ZmqBackend(Backend):
             reasons = "; ".join(
                 link.error or f"agent {link.endpoint}: no answer" + ("" if link in due else " lately")
                 for link in self.links
-            )
+           )
             waited = f"within {self.connect_timeout:g} s" if due else "lately (not waited for this time)"
             self.no_agent_reason = f"no pypline agent completed the handshake {waited} ({reasons})"
             if self.fallback == "local":
                 when = f"; they are asked in the background, and waited for again in {min(retry_in):.0f} s" if (
                     retry_in
-                ) else ""
+               ) else ""
                 log.warning(
                     "%s; multi_proc stages run on the local machine instead (fallback='local')%s",
                     self.no_agent_reason,
                     when,
-                )
+               )
 
     async def _wait_handshakes(self, links: list[AgentLink]) -> None:
         loop = asyncio.get_running_loop()

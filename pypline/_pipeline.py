@@ -82,7 +82,7 @@ class Pipeline:
         if not (hasattr(source, "__aiter__") or hasattr(source, "__iter__")):
             raise TypeError(
                 f"Pipeline source must be an iterable or async iterable, got {source!r} ({type(source).__name__})"
-            )
+           )
         self._source = source
         self._stages = _stages
         self._last_stats: RunStatistics | None = None
@@ -121,7 +121,7 @@ class Pipeline:
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
-    ) -> Result[list[Any]]:
+   ) -> Result[list[Any]]:
         """Run every item through every stage; ``Ok(outputs)`` or ``Err(PipelineError)``.
 
         Never raises for a failing item or source. ``ordered=True`` returns outputs in
@@ -146,7 +146,7 @@ class Pipeline:
             streaming=False,
             executor=executor,
             timing=stats,
-        )
+       )
         try:
             if await run.start():
                 run.start_reporting(on_stats, progress, stats_interval, sys.stderr)
@@ -167,7 +167,7 @@ class Pipeline:
         else:
             raise RuntimeError(
                 "Pipeline.run_sync() was called from inside a running event loop; use `await pipeline.run()` there"
-            )
+           )
         # The result leaves through a box, not as the main task's result: asyncio.run()
         # (3.11) formats that task's repr twice while restoring the SIGINT handler,
         # and so the repr of every output (13 ms per 100,000 ints).
@@ -188,10 +188,10 @@ class Pipeline:
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
-    ) -> PipelineStream:
+   ) -> PipelineStream:
         """An async iterator of one ``Result`` per output: ``Ok(value)`` or ``Err(ItemFailure)``.
 
-        A slow consumer slows the whole pipeline (the §2.6 bound holds).
+        A slow consumer slows the whole pipeline (the memory bound holds).
         ``ordered=True`` yields in source order through a bounded reorder window.
         Leave early with ``break`` or ``aclose()``; ``async with pipeline.stream() as s``
         closes deterministically.
@@ -206,13 +206,13 @@ class PipelineStream:
 
     def __init__(
         self, pipeline: Pipeline, ordered: bool, executor: str | Backend | None, reporting: _Reporting
-    ) -> None:
+   ) -> None:
         self._agen = self._results(pipeline, ordered, executor, reporting)
 
     @staticmethod
     async def _results(
         pipeline: Pipeline, ordered: bool, executor: str | Backend | None, reporting: _Reporting
-    ) -> AsyncIterator[Result[Any]]:
+   ) -> AsyncIterator[Result[Any]]:
         progress, on_stats, interval, stats = reporting
         run = Run(
             pipeline.stages,
@@ -222,7 +222,7 @@ class PipelineStream:
             streaming=True,
             executor=executor,
             timing=stats,
-        )
+       )
         try:
             if not await run.start():
                 raise PipelineError(cause=run.cause)
@@ -253,5 +253,5 @@ class PipelineStream:
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+   ) -> None:
         await self.aclose()

@@ -1,7 +1,7 @@
 """Live progress: one line per stage on a terminal, redrawn in place.
 
 A small renderer of our own instead of a dependency: it needs ANSI "cursor up"
-and "clear line" only, and pypline's runtime dependencies are fixed (SPEC §1).
+and "clear line" only, and pypline's runtime dependencies are fixed (cloudpickle, pyzmq, click).
 It draws only when the stream is a terminal; otherwise it stays silent during
 the run and prints nothing (the statistics remain available as ``last_stats``).
 """
@@ -46,7 +46,7 @@ def stage_line(s: StageStatistics, width: int, total: int | None) -> str:
     return (
         f"{s.name:<{width}}  {done:>7}{of} done  {s.failed:>4} failed  "
         f"queue [{bar}] {s.queue_depth:>3}/{s.capacity:<3}  {_rate(s.throughput):>6}/s{_eta(eta)}"
-    )
+   )
 
 
 def render_lines(stats: RunStatistics) -> list[str]:

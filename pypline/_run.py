@@ -5,7 +5,7 @@
     source ─pump─► stage 0 (≤ buffer + workers) ─► stage 1 ─► ... ─► collector ─► run(): result list
       ▲            queue → executor → outcome                          │          stream(): ready queue
       │                                                                │                     ─► consumer
-      └──── permits: the §2.6 bound, one per source item until all its outputs are delivered ◄┘
+      └──── permits: the memory bound, one per source item until all its outputs are delivered ◄┘
 
 Actors:
 
@@ -45,7 +45,7 @@ from ._config import current_settings, effective_agents
 from ._errors import ItemFailure, PipelineError, StageStartError
 from ._progress import REFRESH_SECONDS, ProgressRenderer
 from ._registry import load_backend
-from ._stage_runner import StageRunner, _Env, _Inbox, _wait_for_space
+from ._stage_runner import StageRunner, Envelope, Inbox, wait_for_space
 from ._stats import RunStatistics, StageStatistics, bottleneck, percentile
 from .executor import Backend, Executor, ExecutorStatistics
 from .util import Err, Ok, Result
@@ -69,7 +69,7 @@ PULL_RUN_S = 0.001
 MAX_PULL_BATCH = 1024
 
 
-def _retire(env: _Env) -> None:
+def _retire(env: Envelope) -> None:
     """Break a finished source item's reference cycles, so reference counting frees it.
 
     A root envelope is its own ``src`` and, in a plain stage, its own attempt's
@@ -89,13 +89,13 @@ class _Exhausted(Exception):
 _EXHAUSTED = _Exhausted()
 
 #: What a retired envelope's ``src`` points to (see ``_retire``).
-_RETIRED = _Env(None, (), None)
+_RETIRED = Envelope(None, (), None)
 
 log = logging.getLogger("pypline.engine")
 
 
 def admission_bound(specs: Iterable[StageSpec]) -> int:
-    """The §2.6 bound: ``sum(buffer + num_workers) + len(stages) + 1``."""
+    """The memory bound: ``sum(buffer + num_workers) + len(stages) + 1``."""
     specs = list(specs)
     return sum(s.buffer + s.num_workers for s in specs) + len(specs) + 1
 
@@ -157,10 +157,10 @@ def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
         times_full=r.times_full,
         throughput=succeeded / elapsed,
         details=es.details,
-    )
+   )
 
 
-class _Collector(_Inbox):
+class _Collector(Inbox):
     """The end of the pipeline: hands outputs to the run. Always has room (permits bound it)."""
 
     __slots__ = ("run", "held", "limit")
@@ -170,7 +170,7 @@ class _Collector(_Inbox):
         self.held = 0
         self.limit = sys.maxsize
 
-    def push(self, env: _Env) -> None:
+    def push(self, env: Envelope) -> None:
         run = self.run
         if run.streaming:
             run._deliver(env)
@@ -185,7 +185,7 @@ class _Collector(_Inbox):
             _retire(src)
             run._release()
 
-    def push_many(self, envs: list[_Env]) -> None:
+    def push_many(self, envs: list[Envelope]) -> None:
         run = self.run
         if run.streaming or run.paths:
             for env in envs:
@@ -261,7 +261,7 @@ class Run:
         "reporting",
         "refill_due",
         "space_listening",
-    )
+   )
 
     def __init__(
         self,
@@ -273,7 +273,7 @@ class Run:
         streaming: bool,
         executor: str | Backend | None,
         timing: bool = True,
-    ) -> None:
+   ) -> None:
         self.loop = asyncio.get_running_loop()
         self.timing = timing
         self.stages = stages
@@ -301,8 +301,8 @@ class Run:
         self.paths = any(s.fork_merge is None and s.workers[0].kind.is_generator for s in self.specs)
         self.pull_batch = 1  # items the pump pulls from a sync source at a time (adapts)
         # A sync source is also refilled inline, at the end of a batch report
-        # (StageRunner.ok_many), instead of waking the pump task: see _refill_inline.
-        self.first: _Inbox | None = None
+        # (StageRunner.ok_many), instead of waking the pump task: see refill_inline.
+        self.first: Inbox | None = None
         self.sync_it: Iterator[Any] | None = None  # set while the pump serves a sync source
         self.reporting = False  # inside a batch report that refills at its end
         self.refill_due = False
@@ -310,9 +310,9 @@ class Run:
         self.failures: list[ItemFailure] = []
         self.cause: BaseException | None = None
         self.source_failure: ItemFailure | None = None
-        self.ready: deque[tuple[_Env | None, Result[Any]]] = deque()
+        self.ready: deque[tuple[Envelope | None, Result[Any]]] = deque()
         self.consumer: asyncio.Future[None] | None = None
-        self.order: deque[_Env] = deque()
+        self.order: deque[Envelope] = deque()
         self.runners: list[StageRunner] = []
         self.executors: list[Executor] = []
         self.backends: list[Backend] = []
@@ -363,7 +363,7 @@ class Run:
                 stage = spec.name
                 self.executors.append(backend.executor(spec))
             # Runners are built back to front so each knows its downstream hop.
-            nxt: _Inbox = collector
+            nxt: Inbox = collector
             for spec, ex in reversed(list(zip(self.specs, self.executors))):
                 nxt = StageRunner(self, spec, ex, nxt)
                 self.runners.insert(0, nxt)
@@ -384,8 +384,8 @@ class Run:
             len(self.runners),
             ", ".join(f"{r.name}:{type(r.ex).__name__}" for r in self.runners),
             self.bound,
-        )
-        first: _Inbox = self.runners[0] if self.runners else collector
+       )
+        first: Inbox = self.runners[0] if self.runners else collector
         self.pump_task = self.loop.create_task(self._pump(first), name="pypline-pump")
         return True
 
@@ -432,7 +432,7 @@ class Run:
 
     # --- the pump ------------------------------------------------------------------------------
 
-    async def _pump(self, first: _Inbox) -> None:
+    async def _pump(self, first: Inbox) -> None:
         loop = self.loop
         source = self.source
         index = 0
@@ -469,13 +469,13 @@ class Run:
                     self._source_failed(index, exc)
                     break
                 self.permits -= 1
-                env = _Env(None, (), value, index)
+                env = Envelope(None, (), value, index)
                 index += 1
                 self.pulled = index
                 if self.streaming and self.ordered:
                     self.order.append(env)
                 if not first.has_space():
-                    await _wait_for_space(loop, first)
+                    await wait_for_space(loop, first)
                 first.push(env)
         except asyncio.CancelledError:
             if aiter is not None and hasattr(aiter, "aclose"):
@@ -488,13 +488,13 @@ class Run:
             if not self.stopping:
                 first.close_input()
 
-    async def _pump_sync(self, first: _Inbox, it: Iterator[Any]) -> None:
+    async def _pump_sync(self, first: Inbox, it: Iterator[Any]) -> None:
         """Feed a sync source into the first stage, as far as permits and its room allow.
 
         Between pulls the pump waits on ``pump_waiter``, woken when a quarter of the
         permits are back (``_release``) or the first stage has drained to its low
         water (``_space_back``). While it waits, a batch report refills inline
-        (``_refill_inline``): the run of items goes out in the same loop iteration
+        (``refill_inline``): the run of items goes out in the same loop iteration
         as the results that made room for it, with no task wake-up in between.
         """
         self.first, self.sync_it = first, it
@@ -553,7 +553,7 @@ class Run:
             if not w.done():
                 w.set_result(None)
 
-    def _refill_inline(self) -> None:
+    def refill_inline(self) -> None:
         """At the end of a batch report that returned permits: pull the next run now.
 
         Called by ``StageRunner.ok_many`` once its bookkeeping is done, so the first
@@ -577,7 +577,7 @@ class Run:
         elif self.first is not None:
             self.first.flush()
 
-    def _pull_run(self, it: Iterator[Any], index: int, k: int) -> tuple[list[_Env], Exception | None]:
+    def _pull_run(self, it: Iterator[Any], index: int, k: int) -> tuple[list[Envelope], Exception | None]:
         """Up to ``k`` items from a sync source, as envelopes; and why it stopped early, if it did.
 
         How many items go per run adapts to the source's pace (see ``PULL_RUN_S``):
@@ -585,12 +585,12 @@ class Run:
         run), a slow one item by item.
         """
         k = min(k, self.pull_batch)
-        envs: list[_Env] = []
+        envs: list[Envelope] = []
         append = envs.append
         t0 = time.perf_counter()
         try:
             for value in islice(it, k):
-                append(_Env(None, (), value, index))
+                append(Envelope(None, (), value, index))
                 index += 1
         except Exception as exc:
             return envs, exc
@@ -617,7 +617,7 @@ class Run:
 
     # --- delivery ------------------------------------------------------------------------------
 
-    def _deliver(self, env: _Env) -> None:
+    def _deliver(self, env: Envelope) -> None:
         src = env.src
         if not self.streaming:
             if self.ordered:
@@ -626,9 +626,9 @@ class Run:
         else:
             self._stream_result(src, env.path, Ok(env.item))
         env._job = None
-        self._drop(src)
+        self.drop(src)
 
-    def _item_failed(self, env: _Env, failure: ItemFailure) -> None:
+    def item_failed(self, env: Envelope, failure: ItemFailure) -> None:
         self.failed_count += 1
         src = env.src
         if not self.streaming:
@@ -638,9 +638,9 @@ class Run:
         else:
             self._stream_result(src, env.path, Err(failure))
         env._job = None
-        self._drop(src)
+        self.drop(src)
 
-    def _stream_result(self, src: _Env, path: tuple[int, ...], result: Result[Any]) -> None:
+    def _stream_result(self, src: Envelope, path: tuple[int, ...], result: Result[Any]) -> None:
         if self.ordered:
             if src.bucket is None:
                 src.bucket = []
@@ -650,7 +650,7 @@ class Run:
             self.ready.append((src, result))
             self._wake_consumer()
 
-    def _drop(self, src: _Env) -> None:
+    def drop(self, src: Envelope) -> None:
         """One of ``src``'s envelopes left the pipeline."""
         src.live -= 1
         if src.live:
@@ -731,11 +731,11 @@ class Run:
             stages=stages,
             bottleneck=name,
             hint=hint,
-        )
+       )
 
     def start_reporting(
         self, on_stats: Callable[[RunStatistics], None] | None, progress: bool, interval: float, stream: TextIO
-    ) -> None:
+   ) -> None:
         """Call ``on_stats`` every ``interval`` s and/or draw progress (terminals only)."""
         renderer = ProgressRenderer(stream) if progress and stream.isatty() else None
         if on_stats is None and renderer is None:
@@ -781,7 +781,7 @@ class Run:
             final.pulled,
             final.delivered,
             final.failed,
-        )
+       )
         if self.renderer is not None:
             self.renderer.finish(final)
             self.renderer = None

@@ -21,15 +21,42 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from ._errors import ItemFailure, StageCancelled, WorkerLost, is_cancellation
 from .executor import Attempt, Executor, ExecutorStatistics, OutcomeSink
 from .util import Result
 
 if TYPE_CHECKING:
-    from ._run import Run
     from ._stage import StageSpec
+
+
+class RunSide(Protocol):
+    """What a stage runner needs from the run it belongs to (``Run`` implements it).
+
+    ``item_failed(env, failure)``: the item in ``env`` failed for good in this stage.
+    ``drop(src)``: one envelope of source item ``src`` left the pipeline (delivered,
+    filtered out or failed). ``refill_inline()``: at the end of a batch report, pull the
+    next run of a sync source now (see ``Run.refill_inline``). ``reporting`` is True while
+    a batch report runs, ``refill_due`` once such a report returned enough permits;
+    ``stopping`` once the run is stopping; ``max_lost`` the ``configure(max_lost=...)`` in force;
+    ``sync_it`` the sync source being pulled (None otherwise); ``timing`` whether attempts are
+    timed for statistics; ``loop`` the run's event loop.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    timing: bool
+    stopping: bool
+    reporting: bool
+    refill_due: bool
+    sync_it: Any
+    max_lost: int
+
+    def item_failed(self, env: Envelope, failure: ItemFailure) -> None: ...
+
+    def drop(self, src: Envelope) -> None: ...
+
+    def refill_inline(self) -> None: ...
 
 __all__ = ["StageRunner"]
 
@@ -56,7 +83,7 @@ class _Try(Attempt):
         self._owner = owner
 
 
-class _Env(_Try):
+class Envelope(_Try):
     """An item travelling through the stages.
 
     In a plain stage the envelope is also its own first ``Attempt`` (no allocation
@@ -69,7 +96,7 @@ class _Env(_Try):
 
     __slots__ = ("src", "path", "index", "live", "pending", "bucket")
 
-    def __init__(self, src: _Env | None, path: tuple[int, ...], value: Any, index: int = -1) -> None:
+    def __init__(self, src: Envelope | None, path: tuple[int, ...], value: Any, index: int = -1) -> None:
         self.item = value
         self.worker = None
         self.number = 1  # an envelope is always a first attempt (retries are new Attempts)
@@ -90,7 +117,7 @@ class _Job:
 
     __slots__ = ("env", "remaining", "results", "partials", "failed", "lost", "agents", "emitted")
 
-    def __init__(self, env: _Env) -> None:
+    def __init__(self, env: Envelope) -> None:
         self.env = env
         self.remaining = 0
         self.results: list[Any] | None = None
@@ -101,7 +128,7 @@ class _Job:
         self.emitted = 0
 
 
-class _Inbox:
+class Inbox:
     """What a producer sees of the next hop: room, push, wait-for-room, end of input.
 
     ``held < limit`` means there is room; producers on the hot path read the two
@@ -115,10 +142,10 @@ class _Inbox:
     def has_space(self) -> bool:
         return self.held < self.limit
 
-    def push(self, env: _Env) -> None:
+    def push(self, env: Envelope) -> None:
         raise NotImplementedError
 
-    def push_many(self, envs: list[_Env]) -> None:
+    def push_many(self, envs: list[Envelope]) -> None:
         """Push several envelopes (at most ``limit - held``), in order."""
         for env in envs:
             self.push(env)
@@ -135,7 +162,7 @@ class _Inbox:
         raise NotImplementedError
 
 
-async def _wait_for_space(loop: asyncio.AbstractEventLoop, inbox: _Inbox) -> None:
+async def wait_for_space(loop: asyncio.AbstractEventLoop, inbox: Inbox) -> None:
     while not inbox.has_space():
         fut: asyncio.Future[None] = loop.create_future()
         inbox.add_space_listener(lambda: _resolve(fut))
@@ -147,7 +174,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class StageRunner(_Inbox, OutcomeSink):
+class StageRunner(Inbox, OutcomeSink):
     """One stage's bookkeeping. Synchronous methods decide; the executor acts.
 
     In plain pool mode (no fork, no generator) an attempt's job is the envelope
@@ -195,16 +222,16 @@ class StageRunner(_Inbox, OutcomeSink):
         "closing_stats",
     )
 
-    def __init__(self, run: Run, spec: StageSpec, executor: Executor, down: _Inbox) -> None:
+    def __init__(self, run: RunSide, spec: StageSpec, executor: Executor, down: Inbox) -> None:
         self.run = run
         self.loop = run.loop
         self.spec = spec
         self.name = spec.name
         self.ex = executor
         self.down = down
-        self.inbox: deque[_Env] = deque()
+        self.inbox: deque[Envelope] = deque()
         self.ready: deque[Attempt] = deque()  # retries, re-dispatches, fork attempts
-        self.parked: deque[_Env] = deque()  # finished, waiting for room downstream
+        self.parked: deque[Envelope] = deque()  # finished, waiting for room downstream
         # Items in this stage: inbox + with the executor + retrying + parked. At most
         # buffer + num_workers, so an executor may hold queued items itself (the
         # asyncio backend does): its queue and the inbox are one input queue.
@@ -240,7 +267,7 @@ class StageRunner(_Inbox, OutcomeSink):
 
     # --- the inbox, as the upstream hop sees it ------------------------------------------
 
-    def push(self, env: _Env) -> None:
+    def push(self, env: Envelope) -> None:
         self.pushed += 1
         self.held += 1
         if self.plain and not (self.inbox or self.parked or self.ready or self.stopping):
@@ -252,7 +279,7 @@ class StageRunner(_Inbox, OutcomeSink):
         self.inbox.append(env)
         self._dispatch()
 
-    def push_many(self, envs: list[_Env]) -> None:
+    def push_many(self, envs: list[Envelope]) -> None:
         n = len(envs)
         self.pushed += n
         self.held += n
@@ -355,11 +382,11 @@ class StageRunner(_Inbox, OutcomeSink):
             self.finished = True
             self.down.close_input()
 
-    def _env(self, job: Any) -> _Env:
-        env: _Env = job if self.plain else job.env
+    def _env(self, job: Any) -> Envelope:
+        env: Envelope = job if self.plain else job.env
         return env
 
-    def _forward(self, env: _Env) -> None:
+    def _forward(self, env: Envelope) -> None:
         if not self.parked and self.down.has_space():
             self.down.push(env)
             self._left()
@@ -404,7 +431,7 @@ class StageRunner(_Inbox, OutcomeSink):
         env = self._env(job)
         self.failed += 1
         failure = ItemFailure(env.src.index, self.name, attempt.item, exc, attempt.number, self.retries)
-        self.run._item_failed(env, failure)
+        self.run.item_failed(env, failure)
         self._left()
         self._finish(job)
 
@@ -476,7 +503,7 @@ class StageRunner(_Inbox, OutcomeSink):
             job.env.item = merged
             self._forward(job.env)
         else:  # flat map: the parent is replaced by what it yielded
-            self.run._drop(job.env.src)
+            self.run.drop(job.env.src)
             self._left()
         self._finish(job)
 
@@ -490,22 +517,22 @@ class StageRunner(_Inbox, OutcomeSink):
             self._ok_many(attempts, values)
             return
         # The outermost batch report while a sync source feeds the run: the permits it
-        # returns refill the first stage at its end, inline (Run._refill_inline).
+        # returns refill the first stage at its end, inline (Run.refill_inline).
         run.reporting = True
         try:
             self._ok_many(attempts, values)
         finally:
             run.reporting = False
             if run.refill_due:
-                run._refill_inline()
+                run.refill_inline()
 
     def _ok_many(self, attempts: Sequence[_Try], values: Sequence[Any]) -> None:
-        done: list[_Env] = []
+        done: list[Envelope] = []
         for a, v in zip(attempts, values):
             if a._settled or a._owner is not self:
                 continue
             a._settled = True
-            env: _Env = a._job
+            env: Envelope = a._job
             env.item = v
             done.append(env)
         if not done:
@@ -595,7 +622,7 @@ class StageRunner(_Inbox, OutcomeSink):
             return
         env = job.env
         src = env.src
-        child = _Env(src, env.path + (job.emitted,), value)
+        child = Envelope(src, env.path + (job.emitted,), value)
         self.outputs += 1
         job.emitted += 1
         src.live += 1

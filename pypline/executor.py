@@ -17,7 +17,7 @@ one attempt of one stage runs. ::
       sink.capacity_changed()               ◄─────     credits grew without an outcome
       await executor.aclose()               ─────►     stop workers, close sockets; idempotent
 
-The engine owns admission (the §2.6 bound), queues, ordering, retries and backoff,
+The engine owns admission (the memory bound), queues, ordering, retries and backoff,
 ``retry_on``, ``max_lost``, fork/merge and fail-fast; one policy, one behaviour on
 every backend. The executor owns workers, transport, batching, heartbeats, the
 per-attempt ``timeout`` (only it can kill a process) and ``current_worker()``.
@@ -205,7 +205,7 @@ class Executor(abc.ABC):
         """A snapshot for progress displays; backends override to say more."""
         return ExecutorStatistics(
             backend=type(self).__name__, workers=0, capacity=self.capacity(), submitted=0, completed=0
-        )
+       )
 
 
 class Backend(abc.ABC):

@@ -1,4 +1,4 @@
-"""Pipelines through real ``pypline-agent`` processes (SPEC §2.7, §2.8): results, errors, fallback.
+"""Pipelines through real ``pypline-agent`` processes — results, errors, fallback.
 
 Agents are subprocesses on random 127.0.0.x ports (fixtures in ``conftest.py``);
 readiness is a ping. Stage functions live at module level (shipped by value,
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import os
 import sys
 import threading
@@ -98,7 +97,7 @@ def test_async_generator_and_chained_stages_through_an_agent(arun: Any, shared_a
         Pipeline(range(30))
         >> work_pool(async_triple, multi_proc=True, num_workers=2)
         >> work_pool(explode, multi_proc=True, buffer=4)
-    )
+   )
     out = unwrap(arun(p.run()))
     assert out == [(3 * x, i) for x in range(30) for i in range(3 * x)]
 
@@ -203,7 +202,7 @@ def where_slow(x: int) -> tuple[int, str, int, int, int]:
     return where(x)
 
 
-# --- the §2.6 bound ------------------------------------------------------------------------
+# --- the memory bound ------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -353,7 +352,7 @@ def test_silent_session_expires_on_the_agent(arun: Any, shared_agent: Any) -> No
     """A client that says HELLO and then goes silent is dropped after its ttl (its state freed)."""
     import zmq
     import zmq.asyncio
-    from pypline.worker_agent import protocol as P
+    from pypline.backends.wire import protocol as P
 
     async def hello_then_silence() -> None:
         ctx = zmq.asyncio.Context.instance()
@@ -387,7 +386,7 @@ def test_items_larger_than_the_agents_limit_fail_alone(arun: Any, agents: Any, u
     """An item bigger than the agent's --max-message fails with MessageTooLarge before it is sent;
     the others go through, and a raw oversized message does not hurt the agent."""
     import zmq
-    from pypline.worker_agent.protocol import MessageTooLarge
+    from pypline.backends.wire.protocol import MessageTooLarge
 
     a = agents("--max-message", "1")
     use_agents(a)

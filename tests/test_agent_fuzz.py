@@ -19,7 +19,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pypline.worker_agent import protocol as P
+from pypline.backends.wire import protocol as P
 
 from pypline import Pipeline, work_pool
 from pypline.util import unwrap

@@ -1,4 +1,4 @@
-"""The wire protocol (``pypline.worker_agent.protocol``) and the client against scripted fake agents.
+"""The wire protocol (``pypline.backends.wire.protocol``) and the client against scripted fake agents.
 
 Unit tests check header validation, the batch index and value encoding without
 sockets. The fake-agent tests run a ROUTER in this process that follows a script
@@ -20,7 +20,7 @@ import cloudpickle
 import pytest
 import zmq
 import zmq.asyncio
-from pypline.worker_agent import protocol as P
+from pypline.backends.wire import protocol as P
 from pypline.worker_agent.security import is_local_endpoint
 
 from pypline import Pipeline, configure, work_pool
@@ -184,7 +184,8 @@ def test_loopback_detection(endpoint: str, local: bool) -> None:
 
 def test_keygen_layout_and_loading(tmp_path: Any) -> None:
     """keygen writes both pairs; the agent authorises client keys only; missing pieces are clear errors."""
-    from pypline.worker_agent.security import KeyError_, keygen, load_client_keys, load_server_keys
+    from pypline.backends.wire.keys import KeyError_, keygen, load_client_keys
+    from pypline.worker_agent.security import load_server_keys
 
     d = tmp_path / "k"
     keygen(d)

@@ -1,4 +1,4 @@
-"""Security of the agent (SPEC §2.8): CURVE + ZAP, refused peers, bind rules, un-HELLOed input.
+"""Security of the agent — CURVE + ZAP, refused peers, bind rules, un-HELLOed input.
 
 "Refused before anything is unpickled" is checked with a payload whose unpickling
 would create a marker file: the file must never appear. These agents run the
@@ -20,7 +20,7 @@ from typing import Any
 import cloudpickle
 import pytest
 import zmq
-from pypline.worker_agent import protocol as P
+from pypline.backends.wire import protocol as P
 
 from pypline import Pipeline, work_pool
 from pypline.util import unwrap
@@ -72,7 +72,7 @@ def test_curve_agent_serves_a_keyed_client_and_refuses_others_before_unpickling(
 ) -> None:
     """With --keys: a client with the keys runs a pipeline; one without CURVE, or with an unknown key,
     never gets a frame through (nothing unpickled: the marker file never appears; refusals counted)."""
-    from pypline.worker_agent.security import keygen, load_client_keys
+    from pypline.backends.wire.keys import keygen, load_client_keys
 
     keys = _keys(tmp_path)
     a = agents("--backend", "asyncio", keys=str(keys))
@@ -138,7 +138,7 @@ def test_non_loopback_bind_without_keys_is_refused(tmp_path: Path) -> None:
         text=True,
         timeout=30,
         cwd=tmp_path,
-    )
+   )
     assert r.returncode == 3
     assert "refusing to bind tcp://0.0.0.0:5599 without CURVE keys" in r.stderr and "--insecure" in r.stderr
 
@@ -155,7 +155,7 @@ def test_keys_dir_without_client_keys_is_refused(tmp_path: Path) -> None:
         text=True,
         timeout=30,
         cwd=tmp_path,
-    )
+   )
     assert r.returncode == 3 and "no client public key" in r.stderr
 
 
@@ -199,7 +199,7 @@ def test_insecure_non_loopback_bind_warns_loudly(tmp_path: Path) -> None:
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 cwd=tmp_path,
-            )
+           )
         deadline = time.monotonic() + 20
         while "INSECURE" not in log.read_text():
             assert proc.poll() is None, log.read_text()

@@ -1,4 +1,4 @@
-"""Backpressure (SPEC §2.6): what ``buffer`` guarantees.
+"""Backpressure (the memory bound): what ``buffer`` guarantees.
 
 At every moment, items pulled from the source but not yet delivered (to ``run()``'s
 result list or to ``stream()``'s consumer) number at most::
@@ -39,12 +39,12 @@ from pypline.util import Ok, is_ok, unwrap
 
 
 def bound_of(*stages: tuple[int, int]) -> int:
-    """The §2.6 bound for stages given as ``(buffer, workers)``, computed independently of the engine."""
+    """The memory bound for stages given as ``(buffer, workers)``, computed independently of the engine."""
     return sum(buffer + workers for buffer, workers in stages) + len(stages) + 1
 
 
 class Meter:
-    """Counts source pulls and deliveries; checks the §2.6 bound at every single pull."""
+    """Counts source pulls and deliveries; checks the memory bound at every single pull."""
 
     def __init__(self, bound: int) -> None:
         self.bound = bound
@@ -83,7 +83,7 @@ class Meter:
     def assert_bound(self) -> None:
         assert not self.violations, (
             f"bound {self.bound} exceeded at (pulled, delivered) = {self.violations[:5]}"
-        )
+       )
         assert self.max_outstanding <= self.bound
 
 
@@ -283,7 +283,7 @@ def test_flat_map_fan_out_is_bounded_in_source_items(arun: Any, ordered: bool) -
 
         results, standstills = await consume_slowly(
             m, (Pipeline(m.source(30)) >> explode >> tag).stream(ordered=ordered), on_result
-        )
+       )
         values = [unwrap(r) for r in results]
         expected = [(x, k) for x in range(30) for k in range(3)]
         assert (values if ordered else sorted(values)) == expected

@@ -27,7 +27,7 @@ if os.environ.get("PYPLINE_REQUIRE_ENGINES"):
 else:
     distributed = pytest.importorskip(
         "distributed", reason="dask[distributed] is not installed (pip install 'pypline-async[dask]')"
-    )
+   )
 
 import dask  # noqa: E402  # type: ignore[import-not-found,import-untyped,unused-ignore]
 import psutil  # noqa: E402
@@ -197,7 +197,7 @@ def test_async_functions_and_flat_map(backend: DaskBackend) -> None:
         Pipeline(range(30))
         >> work_pool(async_square, multi_proc=True, num_workers=2)
         >> work_pool(spread, multi_proc=True, num_workers=2)
-    )
+   )
     out = unwrap(arun(pipeline.run(executor=backend)))
     assert out == [x * x * 10 + i for x in range(30) for i in range((x * x) % 3)]
 
@@ -207,7 +207,7 @@ def test_exceptions_keep_their_type_and_remote_traceback(backend: DaskBackend) -
     """A user exception comes back as itself, the remote traceback kept; other items succeed."""
     result = arun(
         (Pipeline(range(6)) >> work_pool(custom_failure, multi_proc=True, num_workers=2)).run(executor=backend)
-    )
+   )
     err = unwrap_err(result)
     assert err.outputs == [0, 1, 2, 4, 5]
     [failure] = err.failures
@@ -222,7 +222,7 @@ def test_retries_and_retry_on(backend: DaskBackend) -> None:
     assert unwrap(arun(ok.run(executor=backend))) == list(range(20))
     strict = Pipeline(range(4)) >> work_pool(
         fail_first_attempt, multi_proc=True, num_workers=2, retries=3, retry_on=(ValueError,)
-    )
+   )
     err = unwrap_err(arun(strict.run(executor=backend)))
     assert len(err.failures) == 4
     assert all(isinstance(f.error, ConnectionError) and f.attempts == 1 for f in err.failures)
@@ -253,7 +253,7 @@ def test_unpicklable_function_and_item(backend: DaskBackend) -> None:
 
     err = unwrap_err(
         arun((Pipeline([1]) >> work_pool(uses_lock, multi_proc=True, name="locked")).run(executor=backend))
-    )
+   )
     assert isinstance(err.cause, StageStartError) and "locked" in str(err.cause)
     items: list[Any] = [1, threading.Lock(), 3]
     err = unwrap_err(arun((Pipeline(items) >> work_pool(square, multi_proc=True, retries=2)).run(executor=backend)))
@@ -301,7 +301,7 @@ def test_worker_killed_mid_item_costs_one_attempt(backend: DaskBackend) -> None:
     assert isinstance(failure.error, WorkerDied) and "KilledWorker" in str(failure.error)
 
 
-# --- the §2.6 bound --------------------------------------------------------------------------------
+# --- the memory bound --------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)

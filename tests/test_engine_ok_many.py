@@ -2,7 +2,7 @@
 
 A scripted executor answers every submitted attempt in one ``ok_many`` call per loop
 tick (optionally repeating some attempts, as a backend with late duplicates would);
-the tests check exactly-once, ordered delivery, the §2.6 bound and parking when the
+the tests check exactly-once, ordered delivery, the memory bound and parking when the
 next stage has less room than the batch.
 """
 
@@ -150,7 +150,7 @@ def test_finished_items_are_freed_without_the_cycle_collector(mode: str) -> None
     """
     import gc
 
-    from pypline._stage_runner import _Env
+    from pypline._stage_runner import Envelope
 
     backend = BatchBackend(capacity=64)
     stages = Pipeline(range(3000)) >> work_pool(inc, num_workers=2, buffer=30, multi_proc=True) >> work_pool(inc)
@@ -170,7 +170,7 @@ def test_finished_items_are_freed_without_the_cycle_collector(mode: str) -> None
         assert sorted(out) == [x + 2 for x in range(3000)]
         del out
         gc.collect()
-        envelopes = sum(1 for o in gc.garbage if type(o) is _Env)
+        envelopes = sum(1 for o in gc.garbage if type(o) is Envelope)
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
@@ -203,7 +203,7 @@ class _Tracking(BatchBackend):
 
 def test_a_batch_report_refills_the_first_stage_inline() -> None:
     """After the first fill, every pull from a sync source happens inside the report
-    whose results returned the permits (no pump wake-up in between), and the §2.6
+    whose results returned the permits (no pump wake-up in between), and the memory
     bound still holds."""
     backend = _Tracking(capacity=1000)
     stage = work_pool(inc, num_workers=2, buffer=16, multi_proc=True)

@@ -128,7 +128,7 @@ def test_retry_on_applies_to_reported_errors(arun: Any) -> None:
 
 
 def test_items_held_remotely_count_against_the_bound(arun: Any) -> None:
-    """Items in flight at a (mock) agent count toward the §2.6 bound: intake stops within it.
+    """Items in flight at a (mock) agent count toward the memory bound: intake stops within it.
 
     With both credits taken and the buffer full, the pump stops: it pulls from a
     sync source only what the first stage has room for (buffer + workers), inside

@@ -1,4 +1,4 @@
-"""Pipelines (SPEC §2.3) and running them (SPEC §2.4).
+"""Pipelines and running them.
 
 Concurrency is forced with ``asyncio.Event`` / ``threading.Event`` and counters,
 never with sleeps: "item 0 finishes after item 4" is made true by making item 0
@@ -68,7 +68,7 @@ def agen(items: Sequence[Any]) -> AsyncIterator[Any]:
     return gen()
 
 
-# --- §2.3 sources -----------------------------------------------------------------------------
+# --- sources -----------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(30)
@@ -90,7 +90,7 @@ def test_any_iterable_or_async_iterable_is_a_source(arun: Any, make_source: Any)
 
 @pytest.mark.timeout(30)
 def test_source_is_pulled_lazily_and_never_beyond_the_bound(arun: Any) -> None:
-    """Nothing is pulled before run(); while a stage is blocked, pulls stop within the §2.6 bound."""
+    """Nothing is pulled before run(); while a stage is blocked, pulls stop within the memory bound."""
     pulls: list[int] = []
 
     def source() -> Iterator[int]:
@@ -150,7 +150,7 @@ def test_non_iterable_source_is_a_type_error_at_construction(source: Any) -> Non
         Pipeline(source)
 
 
-# --- §2.3 composition ---------------------------------------------------------------------------
+# --- composition ---------------------------------------------------------------------------
 
 
 def test_rshift_and_stage_return_new_pipelines_and_leave_the_original_unchanged() -> None:
@@ -217,7 +217,7 @@ def test_adding_a_non_callable_is_a_type_error_at_composition(bad: Any) -> None:
     assert p.stages == ()
 
 
-# --- §2.4 ordering ------------------------------------------------------------------------------
+# --- ordering ------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(30)
@@ -324,7 +324,7 @@ def test_flat_map_keeps_yield_order_within_an_input(arun: Any, no_thread_leaks: 
     arun(main())
 
 
-# --- §2.4 failures --------------------------------------------------------------------------------
+# --- failures --------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(30)
@@ -500,7 +500,7 @@ def test_fail_fast_leaves_nothing_running(arun: Any, no_thread_leaks: None) -> N
         unblock.set()  # the abandoned thread may now finish; no_thread_leaks checks that it does
 
 
-# --- §2.4 misc. run behaviour -----------------------------------------------------------------------
+# --- misc. run behaviour -----------------------------------------------------------------------
 
 
 @pytest.mark.timeout(30)
@@ -584,7 +584,7 @@ def test_source_raising_midway_gives_err_with_cause_and_earlier_outputs(arun: An
     assert err.outputs == [1, 3, 5, 7, 9]
 
 
-# --- §2.4 stream() -----------------------------------------------------------------------------------
+# --- stream() -----------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(30)

@@ -523,7 +523,7 @@ def one_or_two(x: int) -> Iterator[int]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("shape", ["def", "generator", "two-stages"])
 def test_bound_holds_with_a_slow_consumer(shape: str) -> None:
-    """Items pulled from the source minus items delivered never exceed the §2.6 bound."""
+    """Items pulled from the source minus items delivered never exceed the memory bound."""
     first = work_pool(one_or_two if shape == "generator" else square, multi_proc=True, num_workers=2, buffer=4)
     stages = [first]
     if shape == "two-stages":
@@ -624,8 +624,8 @@ def test_workers_exit_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
             if __name__ == "__main__":
                 (Pipeline(range(4)) >> work_pool(block, multi_proc=True, num_workers=2)).run_sync()
             """
-        )
-    )
+       )
+   )
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
     try:
         assert wait_until(lambda: len(list(marks.glob("*.pid"))) == 2, 30.0), "workers never started"

@@ -188,7 +188,7 @@ def test_async_functions_and_flat_map(backend: RayBackend) -> None:
         Pipeline(range(30))
         >> work_pool(async_square, multi_proc=True, num_workers=2)
         >> work_pool(spread, multi_proc=True, num_workers=2)
-    )
+   )
     out = unwrap(arun(pipeline.run(executor=backend)))
     assert out == [x * x * 10 + i for x in range(30) for i in range((x * x) % 3)]
 
@@ -198,7 +198,7 @@ def test_exceptions_keep_their_type_and_remote_traceback(backend: RayBackend) ->
     """A user exception comes back as itself, the remote traceback kept; other items succeed."""
     result = arun(
         (Pipeline(range(6)) >> work_pool(custom_failure, multi_proc=True, num_workers=2)).run(executor=backend)
-    )
+   )
     err = unwrap_err(result)
     assert err.outputs == [0, 1, 2, 4, 5]
     [failure] = err.failures
@@ -213,7 +213,7 @@ def test_retries_and_retry_on(backend: RayBackend) -> None:
     assert unwrap(arun(ok.run(executor=backend))) == list(range(20))
     strict = Pipeline(range(4)) >> work_pool(
         fail_first_attempt, multi_proc=True, num_workers=2, retries=3, retry_on=(ValueError,)
-    )
+   )
     err = unwrap_err(arun(strict.run(executor=backend)))
     assert len(err.failures) == 4
     assert all(isinstance(f.error, ConnectionError) and f.attempts == 1 for f in err.failures)
@@ -244,7 +244,7 @@ def test_unpicklable_function_and_item(backend: RayBackend) -> None:
 
     err = unwrap_err(
         arun((Pipeline([1]) >> work_pool(uses_lock, multi_proc=True, name="locked")).run(executor=backend))
-    )
+   )
     assert isinstance(err.cause, StageStartError) and "locked" in str(err.cause)
     items: list[Any] = [1, threading.Lock(), 3]
     err = unwrap_err(arun((Pipeline(items) >> work_pool(square, multi_proc=True, retries=2)).run(executor=backend)))
@@ -270,7 +270,7 @@ def test_timeout_kills_and_replaces_the_actor(backend: RayBackend) -> None:
     stats = pipeline.last_stats
     assert (
         stats is not None and stats.stages[0].workers_replaced >= 1
-    )  # the last replacement may still be starting at the end
+   )  # the last replacement may still be starting at the end
 
 
 @pytest.mark.timeout(90)
@@ -286,7 +286,7 @@ def test_actor_killed_mid_item_costs_one_attempt(backend: RayBackend) -> None:
     assert stats is not None and stats.stages[0].workers_replaced >= 3
 
 
-# --- the §2.6 bound --------------------------------------------------------------------------------
+# --- the memory bound --------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -375,7 +375,7 @@ def test_backend_started_ray_is_shut_down_after_the_run(tmp_path: Any) -> None:
         print(result.unwrap() if hasattr(result, "unwrap") else result)
         print("initialised after:", ray.is_initialized())
         """
-    )
+   )
     path = tmp_path / "owned.py"
     path.write_text(script)
     proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=80, cwd=tmp_path)
@@ -406,6 +406,6 @@ def test_fault_mapping() -> None:
     node_died = rx.ActorDiedError()
     node_died.error_msg = (
         "The actor died unexpectedly before finishing this task.\nThe actor died because its node has died."
-    )
+   )
     assert ex._verdict(call, node_died)[0] == "lost"
     assert ex._verdict(call, ValueError("x"))[0] == "error"

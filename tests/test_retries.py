@@ -1,4 +1,4 @@
-"""SPEC §2.5: retries (total attempts), retry_on, backoff and per-attempt timeouts.
+"""retries (total attempts), retry_on, backoff and per-attempt timeouts.
 
 Time appears here only as a lower bound on a measured workload (backoff must wait
 at least its documented delay); no test asserts an upper bound on time, and

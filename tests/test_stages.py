@@ -1,4 +1,4 @@
-"""SPEC §2.1-2.2: ``work_pool`` / ``mix_pool`` stages and their processing modes.
+"""``work_pool`` / ``mix_pool`` stages and their processing modes.
 
 Covers the decorator forms, direct calls, validation at decoration time, where each
 kind of worker function runs (loop, thread, flat map), pool and fork modes, and
@@ -216,7 +216,7 @@ def test_boundary_values_are_accepted() -> None:
     stage = work_pool(
         buffer=1, retries=1, num_workers=1, backoff=0, timeout=1e-3,
         retry_on=(KeyError, ValueError), fork_merge=sum, name="x", multi_proc=False,
-    )(_fn)
+   )(_fn)
     spec = stage.spec
     assert (spec.buffer, spec.retries, spec.num_workers, spec.backoff, spec.timeout) == (1, 1, 1, 0, 1e-3)
     assert spec.retry_on == (KeyError, ValueError) and spec.fork_merge is sum and spec.name == "x"
@@ -735,7 +735,7 @@ def test_mix_pool_fork_mode_runs_every_function_on_every_item(arun: Any, no_thre
             ("loop", x * 10, True, WorkerInfo("views", 0, 1)),
             ("thread", x + 1, False, WorkerInfo("views", 1, 1)),
             ("neg", -x, False, WorkerInfo("views", 2, 1)),
-        )
+       )
         for x in range(4)
     ]
 

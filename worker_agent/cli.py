@@ -225,8 +225,8 @@ def keygen(directory: str, force: bool) -> None:
     Copy the directory to every host (it holds secrets: keep it private, mode 0700).
     More clients: add their public `NAME.key` files to the agent's directory.
     """
-    from .security import KeyError_
-    from .security import keygen as make
+    from pypline.backends.wire.keys import KeyError_
+    from pypline.backends.wire.keys import keygen as make
 
     try:
         written = make(directory, force=force)
@@ -280,7 +280,7 @@ def ping(endpoint: str, keys_dir: str | None, timeout: float) -> None:
     4 when it answered but is draining or incompatible.
     """
     r = _probe(endpoint, keys_dir, timeout, detail=False)
-    from .protocol import describe_versions
+    from pypline.backends.wire.protocol import describe_versions
 
     h, p = r.hello, r.pong
     click.echo(
@@ -304,7 +304,7 @@ def status(endpoint: str, keys_dir: str | None, timeout: float, as_json: bool) -
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    from .protocol import describe_versions
+    from pypline.backends.wire.protocol import describe_versions
 
     click.echo(f"agent {st['endpoint']} on {st['host']} (pid {st['pid']}), instance {st['instance'][:12]}")
     click.echo(

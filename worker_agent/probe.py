@@ -22,8 +22,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from . import protocol as P
-from .security import load_client_keys
+from pypline.backends.wire import protocol as P
+from pypline.backends.wire.keys import load_client_keys
 
 __all__ = ["ProbeError", "ProbeResult", "probe"]
 

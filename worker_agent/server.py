@@ -43,12 +43,12 @@ import zmq.asyncio
 
 from pypline.executor import Backend
 
-from . import protocol as P
+from pypline.backends.wire import protocol as P
 from .metrics import MetricsServer
 from .pool import SinkProxy
 from .security import ServerKeys, client_key_provider, is_local_endpoint
 from .session import Session, Task
-from .sockets import recv_now, send_now
+from pypline.backends.wire.sockets import recv_now, send_now
 from .stages import StageStarter
 
 __all__ = ["Agent", "AgentConfig", "ConfigError"]

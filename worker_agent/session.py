@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from pypline.executor import Attempt, Executor, OutcomeSink, StageSpec, WorkerDied
 
-from . import protocol as P
+from pypline.backends.wire import protocol as P
 from .pool import SinkProxy
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pypline.executor import Executor, StageStartError
 
-from . import protocol as P
+from pypline.backends.wire import protocol as P
 from .pool import ExecutorPool, SinkProxy
 from .session import Session, StageHost, build_spec, stage_key
 

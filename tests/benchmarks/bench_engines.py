@@ -32,7 +32,7 @@ Workloads:
 - **W5 per-item overhead**: ``def f(x): return x``, 20,000 items (2,000 with
   ``--quick``): µs per item of the whole call. Direct: ``client.map`` + ``gather``;
   Ray tasks; Ray ``ActorPool.map`` over 2 actors. pypline with the default
-  ``buffer=16`` and with ``buffer=1024``: the §2.6 bound caps what a stage holds, so
+  ``buffer=16`` and with ``buffer=1024``: the memory bound caps what a stage holds, so
   the buffer caps how many items one remote call can carry. Target: pypline ≤ 0.5×
   the direct engine's µs/item.
 - **W6 bounded memory**: 200,000 items of 10 KB (a 2 GB stream; 20,000 with
@@ -42,7 +42,7 @@ Workloads:
   10 ms in a thread), the same before the run (the idle engine) and the growth over
   it, the same three for PSS (sampled every 50 ms), the RSS of the engine as started
   (before the warm-up), and the most items read from the source ahead of the
-  consumer against the §2.6 bound. The engine used directly needs the whole input
+  consumer against the memory bound. The engine used directly needs the whole input
   as a list, so it runs on 20,000 items (4,000 with ``--quick``): its memory grows
   with the input, pypline's does not.
 
@@ -198,7 +198,7 @@ class DaskEngine:
 
         self.cluster = distributed.LocalCluster(
             n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
+       )
         self.client = distributed.Client(self.cluster)
         from pypline.backends.on_dask import DaskBackend
 
@@ -362,8 +362,8 @@ def w5(engine: Any, runs: int, quick: bool) -> list[str]:
                 f"pypline on {engine.name} (buffer={buffer})",
                 lambda k, b=buffer: pypline_run(engine.rec.backend, identity, range(k), buffer=b),
                 check,
-            )
-        )
+           )
+       )
 
     def on_done(row: Row, out: Any) -> None:
         if row.name.startswith("pypline"):
@@ -545,7 +545,7 @@ def w6(engine_name: str, runs: int, quick: bool) -> list[str]:
                 capture_output=True,
                 text=True,
                 timeout=1800,
-            )
+           )
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode != 0 or not lines:
                 failed[name] = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}"
@@ -559,14 +559,14 @@ def w6(engine_name: str, runs: int, quick: bool) -> list[str]:
                 r.setdefault(key, []).append(got[key])
             print(
                 f"  {name}: {got['time']:.2f} s, peak {got['peak']:.0f} MB (idle {got['idle']:.0f} MB)", file=sys.stderr
-            )
+           )
     out = [
         f"### W6 bounded memory on {engine_name} — items of {W6_SIZE // 1000} KB, {WORKERS} workers, slow consumer",
         "",
         (
             "| system | items (input MB) | median s | peak RSS MB | idle engine MB | growth MB | of which this process "
             "| peak PSS MB | idle PSS MB | PSS growth MB | engine as started, RSS MB | most read ahead |"
-        ),
+       ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, system, k in systems:
@@ -582,7 +582,7 @@ def w6(engine_name: str, runs: int, quick: bool) -> list[str]:
             f"{med(r['idle']):.0f} | {med(r['peak']) - med(r['idle']):.0f} | {med(r['own']):.0f} | "
             f"{med(r['pss_peak']):.0f} | {med(r['pss_idle']):.0f} | {med(r['pss_peak']) - med(r['pss_idle']):.0f} | "
             f"{med(r['started']):.0f} | {ahead:.0f}{note} |"
-        )
+       )
         if system == "pypline" and ahead > bound:
             FAILED.append(f"W6 {engine_name} {name}: read {ahead:.0f} items ahead, bound {bound}")
     out += [
@@ -595,7 +595,7 @@ def w6(engine_name: str, runs: int, quick: bool) -> list[str]:
         "really take together. 'Engine as started' is the RSS sum right after the engine started, before the "
         "warm-up (on Ray it includes the worker processes Ray prestarts; the warm-up's actors use them and they "
         "are not started again, so 'idle engine' is lower). Target: peak RSS < 300 MB with read-ahead within "
-        "the §2.6 bound; pypline's memory does not grow with the input, the direct engine's does.",
+        "the memory bound; pypline's memory does not grow with the input, the direct engine's does.",
     ]
     return out
 

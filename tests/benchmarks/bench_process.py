@@ -18,7 +18,7 @@ How a measurement flows::
                 check `out`                                 (outside the timing)
     print one markdown table per workload: MEDIANS, and ratios against the reference
 
-Workloads (SPEC §3 / issue 3):
+Workloads (the benchmark workloads):
 
 - **W3 CPU-bound**: a pure-Python loop calibrated to ~2.8 ms per item, 2,000 items,
   2 workers. Speedup = time(sequential, in this process) / time(system).
@@ -26,7 +26,7 @@ Workloads (SPEC §3 / issue 3):
   as µs/item of the whole call, and "steady" µs/item = (time(n) - time(1 item)) / n,
   which takes the workers' start-up out (a fresh interpreter per pypline worker;
   the stdlib pools fork). pypline runs with the default ``buffer=16`` and with
-  ``buffer=1024``: the §2.6 bound caps what can be in flight, so a small buffer
+  ``buffer=1024``: the memory bound caps what can be in flight, so a small buffer
   makes every round trip carry at most ``buffer + workers`` items. The last row runs
   the same pipeline on an executor that answers at once, in process: the engine's
   own per-item cost, a floor for any backend.
@@ -362,7 +362,7 @@ def w4(runs: int, quick: bool) -> list[str]:
             "floor at the default buffer: raw socketpair echo, 20 items in flight (no engine)",
             lambda k: raw_in_flight(range(k), 20),
             lambda out, k: sorted(out) == list(range(k)),
-        ),
+       ),
     ]
     print(f"W4: {n} items", file=sys.stderr)
     measure(rows, n, runs, warm_n=100)
@@ -386,7 +386,7 @@ def w4(runs: int, quick: bool) -> list[str]:
         s = startup[r.name]
         lines.append(
             f"| {r.name} | {t:.3f} | {t / n * 1e6:.2f} | {s:.3f} | {max(t - s, 0) / n * 1e6:.2f} | {ref / t:.1f}× |"
-        )
+       )
     return lines
 
 
@@ -492,7 +492,7 @@ def w6(runs: int, quick: bool) -> list[str]:
     lines = [
         f"### W6 bounded memory: {n} items × {W6_SIZE // 1000} KB, {WORKERS} workers, slow consumer",
         "",
-        f"The §2.6 bound for this pipeline is {bound} items.",
+        f"The memory bound for this pipeline is {bound} items.",
         "",
         "| system | median s | max items read ahead | peak RSS parent+workers (MiB) |",
         "|---|---:|---:|---:|",
