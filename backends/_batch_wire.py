@@ -15,12 +15,12 @@
                                                         one attempt, never the batch
 
 Both sides pickle with ``pickle`` first (fast) and ``cloudpickle`` for what plain
-pickle refuses (lambdas, closures, classes defined in ``__main__``). An exception
-travels pickled when it can, always with its type name, message and formatted
-traceback: the client recreates it with ``__cause__`` set to a ``RemoteTraceback``,
-or, when its type does not exist there, returns a ``RemoteError``. Exceptions that
-are not ``Exception`` (``SystemExit``, ``KeyboardInterrupt``, ``CancelledError``)
-always become ``RemoteError``, so no cancellation ever looks like the engine's own.
+pickle refuses (lambdas, closures, classes defined in ``__main__``). Exceptions take
+the one error path of every backend (``wire/errors.py``): pickled when they can be,
+always with their type name, message and traceback text; the client recreates them
+with a ``RemoteTraceback`` as ``__cause__``, or a ``RemoteError`` when their type does
+not exist there. A ``CancelledError`` from the stage's own code is reported like any
+other error; the engine turns it into ``StageCancelled``.
 
 Workers import this module by name, so ``pypline`` must be installed there.
 """
@@ -34,17 +34,16 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from pypline.executor import RemoteError, StageSpec, StageStartError
+from pypline.executor import StageSpec, StageStartError
 from pypline.lowlevel import WorkerInfo, set_worker_info
 
 from ._procpool import importable, modules_of  # one rule for "ship by value" in every backend
-from ._procworker import exception_fields  # one way to describe a remote error
+from .wire.errors import describe, pickled, rebuild, unpickled  # the one error path
 
 __all__ = [
     "ERR",
     "GEN",
     "OK",
-    "RemoteTraceback",
     "decode_error",
     "dumps",
     "invoke",
@@ -58,13 +57,6 @@ __all__ = [
 OK = 0  # (OK, pickled value)
 GEN = 1  # (GEN, pickled list of yielded values)
 ERR = 2  # (ERR, pickled exception or None, type name, message, traceback text)
-
-
-class RemoteTraceback(RemoteError):
-    """The ``__cause__`` of an exception recreated from a remote worker: its traceback text."""
-
-    def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}\n\nRemote traceback:\n{self.traceback_text}"
 
 
 # --- shipping functions ------------------------------------------------------------------------
@@ -204,14 +196,8 @@ def _invoke_with_deadline(
 
 
 def encode_error(exc: BaseException) -> tuple[Any, ...]:
-    name, message, tb = exception_fields(exc)
-    blob: bytes | None = None
-    if isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit, CancelledError travel as RemoteError
-        try:
-            blob = dumps(exc)
-        except Exception:  # noqa: BLE001 - the fields alone become a RemoteError
-            blob = None
-    return (ERR, blob, name, message, tb)
+    """An ERR outcome: (ERR, pickled exception or None, type name, message, traceback text)."""
+    return (ERR, pickled(exc, dumps), *describe(exc))
 
 
 def run_batch(
@@ -264,12 +250,4 @@ def run_batch(
 def decode_error(fields: tuple[Any, ...]) -> BaseException:
     """The exception an ERR outcome stands for (its own type when it unpickles here)."""
     _, blob, name, message, tb = fields
-    if blob is not None:
-        try:
-            exc = pickle.loads(blob)
-        except Exception:  # noqa: BLE001 - its type does not exist here: RemoteError below
-            exc = None
-        if isinstance(exc, Exception):
-            exc.__cause__ = RemoteTraceback(name, message, tb)
-            return exc
-    return RemoteError(name, message, tb)
+    return rebuild(name, message, tb, unpickled(blob))

@@ -72,7 +72,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from pypline.executor import RemoteError
+from .wire.errors import rebuild
 
 from ._procworker import (
     ARENA_ALIGN,
@@ -537,13 +537,6 @@ class WorkerProc:
 # --- what crosses the boundary ----------------------------------------------------------
 
 
-class _RemoteTraceback(RemoteError):
-    """The ``__cause__`` of a recreated remote exception: its traceback text in ``str()``."""
-
-    def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}\n\nRemote traceback (worker process):\n{self.traceback_text}"
-
-
 def importable(name: str, file: str | None) -> bool:
     """Would a fresh interpreter with our ``sys.path`` import module ``name`` from ``file``?"""
     if not name or name == "__main__" or name.endswith(".__main__"):
@@ -618,8 +611,8 @@ def decode_event(e: tuple[Any, ...], frames: list[Any]) -> tuple[int, int, Any]:
     try:
         value = decode(tag, data, frames)
     except Exception as exc:  # noqa: BLE001 - any failure to load fails that item only
-        if code == ERROR:
-            return tid, code, RemoteError(e[4], e[5], e[6])
+        if code == ERROR:  # its type does not exist here
+            return tid, code, rebuild(e[4], e[5], e[6], None)
         err = pickle.UnpicklingError(
             f"{'a yielded value' if code == EMIT else 'the result'} sent back by the worker "
             f"process could not be unpickled: {type(exc).__name__}: {exc}"
@@ -627,8 +620,5 @@ def decode_event(e: tuple[Any, ...], frames: list[Any]) -> tuple[int, int, Any]:
         err.__cause__ = exc
         return tid, ERROR, err
     if code == ERROR:
-        if value is None:
-            value = RemoteError(e[4], e[5], e[6])
-        else:
-            value.__cause__ = _RemoteTraceback(e[4], e[5], e[6])
+        value = rebuild(e[4], e[5], e[6], value if isinstance(value, BaseException) else None)
     return tid, code, value

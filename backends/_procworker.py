@@ -508,22 +508,33 @@ class FrameReader:
         self.start, self.end = 0, left
 
 
-def exception_fields(exc: BaseException) -> tuple[str, str, str]:
-    """(type name, message, formatted traceback) of an exception, never raising."""
-    cls = type(exc)
-    mod = getattr(cls, "__module__", "") or ""
-    name = cls.__qualname__ if mod in ("builtins", "") else f"{mod}.{cls.__qualname__}"
-    try:
-        message = str(exc)
-    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
-        message = f"<{cls.__qualname__} with unprintable message>"
-    try:
-        import traceback  # only when an error is reported: not on every worker's start
+_error_wire: Any = None
 
-        tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    except Exception:  # noqa: BLE001 - the message alone will do
-        tb = f"{name}: {message}\n"
-    return name, message, tb
+
+def exception_fields(exc: BaseException) -> tuple[str, str, str]:
+    """(type name, message, traceback text): ``pypline.backends.wire.errors.describe``.
+
+    In a worker process this file was loaded by its path, outside any package, so that
+    module is loaded the same way (it needs only the standard library), on first use.
+    """
+    global _error_wire
+    if _error_wire is None:
+        try:
+            from .wire import errors as module  # imported as pypline.backends._procworker
+        except ImportError:  # a worker process: load wire/errors.py by its path
+            import importlib.machinery as im
+
+            name = "_pypline_wire_errors"
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wire", "errors.py")
+            loader = im.SourceFileLoader(name, path)
+            spec = im.ModuleSpec(name, loader, origin=path)
+            module = type(sys)(name)
+            module.__spec__, module.__loader__, module.__file__ = spec, loader, path
+            sys.modules[name] = module
+            loader.exec_module(module)
+        _error_wire = module
+    result: tuple[str, str, str] = _error_wire.describe(exc)
+    return result
 
 
 # --- the worker process -----------------------------------------------------------------

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .wire import protocol as P
+from .wire.errors import rebuild, unpickled
 
 from pypline import RemoteError, WorkerLost
 from pypline.executor import (
@@ -52,29 +53,12 @@ STAGE_START_TIMEOUT_S = 60.0
 ACK_EVERY = 64
 
 
-class _RemoteTraceback(RemoteError):
-    """The ``__cause__`` of an exception recreated from an agent: the remote traceback in ``str()``."""
-
-    def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}\n\nRemote traceback (agent worker):\n{self.traceback_text}"
-
-
 def error_from_info(info: Any, where: str) -> BaseException:
     """The exception an error entry describes: its own type if it unpickles here, else RemoteError."""
-    import pickle
-
     if type(info) is not tuple or len(info) != 4:
         return RemoteError("ProtocolError", f"malformed error entry from agent {where}", "")
     name, message, tb, data = (str(info[0]), str(info[1]), str(info[2]), info[3])
-    if isinstance(data, bytes):
-        try:
-            exc = pickle.loads(data)
-        except Exception:  # noqa: BLE001 - its type is not importable here
-            exc = None
-        if isinstance(exc, BaseException):
-            exc.__cause__ = _RemoteTraceback(name, message, tb)
-            return exc
-    return RemoteError(name, message, tb)
+    return rebuild(name, message, tb, unpickled(data) if isinstance(data, bytes) else None)
 
 
 def _pickle_fn(fn: Any) -> bytes:

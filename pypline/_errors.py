@@ -29,6 +29,7 @@ __all__ = [
     "PipelineError",
     "ItemFailure",
     "RemoteError",
+    "RemoteTraceback",
     "WorkerDied",
     "WorkerLost",
     "StageStartError",
@@ -61,6 +62,17 @@ class RemoteError(Exception):
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}"
+
+
+class RemoteTraceback(RemoteError):
+    """The ``__cause__`` of an exception recreated from another process: its traceback there.
+
+    Backends attach it (``pypline.backends.wire.errors.rebuild``); ``str()`` shows the
+    remote traceback, and ``ItemFailure`` prints it under the error.
+    """
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}\n\nRemote traceback:\n{self.traceback_text}"
 
 
 class WorkerDied(Exception):

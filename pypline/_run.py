@@ -414,21 +414,22 @@ class Run:
             if runner.closing_stats is None:
                 runner.closing_stats = _executor_statistics(runner)
         executors, self.executors = self.executors, []
-        closing = [self.loop.create_task(ex.aclose(), name="pypline-close-executor") for ex in executors]
-        held = await _settle(closing) or held
-        for ex, t in zip(executors, closing):
-            if t.cancelled() or t.exception() is not None:
-                exc = t.exception() if not t.cancelled() else asyncio.CancelledError()
-                log.error("closing the executor %s failed; the run's result is kept", type(ex).__name__, exc_info=exc)
+        held = await self._close_all([(f"the executor {type(ex).__name__}", ex) for ex in executors]) or held
         backends, self.backends = self.backends, []
-        closing = [self.loop.create_task(b.aclose(), name="pypline-close-backend") for b in backends]
-        held = await _settle(closing) or held
-        for b, t in zip(backends, closing):
-            if t.cancelled() or t.exception() is not None:
-                exc = t.exception() if not t.cancelled() else asyncio.CancelledError()
-                log.error("closing the %r backend failed; the run's result is kept", b.name, exc_info=exc)
+        held = await self._close_all([(f"the {b.name!r} backend", b) for b in backends]) or held
         if held is not None:
             raise held
+
+    async def _close_all(self, named: list[tuple[str, Executor | Backend]]) -> asyncio.CancelledError | None:
+        """``aclose()`` each at once and wait for all (see ``_settle``); a failure is logged on
+        ``pypline.engine`` and the run's result is kept. Returns a held cancellation, if any."""
+        closing = [self.loop.create_task(obj.aclose(), name="pypline-close") for _, obj in named]
+        held = await _settle(closing)
+        for (what, _), t in zip(named, closing):
+            exc = asyncio.CancelledError() if t.cancelled() else t.exception()
+            if exc is not None:
+                log.error("closing %s failed; the run's result is kept", what, exc_info=exc)
+        return held
 
     # --- the pump ------------------------------------------------------------------------------
 

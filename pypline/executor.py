@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
 from ._context import WorkerInfo, worker_context
-from ._errors import RemoteError, StageCancelled, StageStartError, WorkerDied, WorkerLost
+from ._errors import RemoteError, RemoteTraceback, StageCancelled, StageStartError, WorkerDied, WorkerLost
 from ._stage import FnKind, StageSpec, WorkerFn
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "FnKind",
     "OutcomeSink",
     "RemoteError",
+    "RemoteTraceback",
     "StageCancelled",
     "StageSpec",
     "StageStartError",

@@ -23,10 +23,9 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pypline.backends.wire.keys import AGENT_NAME, KeyError_, keygen, load_key_file
+from pypline.backends.wire.keys import AGENT_NAME, KeyError_, keygen, load_key_file, load_key_pair
 
 __all__ = [
     "KeyError_",
@@ -65,11 +64,7 @@ def is_local_endpoint(endpoint: str) -> bool:
 
 def load_server_keys(directory: str | os.PathLike[str]) -> ServerKeys:
     """The agent's key pair and every authorised client public key in ``directory``."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise KeyError_(f"key directory {d} does not exist (create it with: pypline-agent keygen {d})")
-    public, secret = load_key_file(d / f"{AGENT_NAME}.key_secret", True)
-    assert secret is not None
+    d, public, secret = load_key_pair(directory, AGENT_NAME)
     clients = set()
     for p in sorted(d.glob("*.key")):
         if p.name == f"{AGENT_NAME}.key":

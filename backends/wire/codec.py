@@ -19,7 +19,6 @@ import array
 import io
 import pickle
 import sys
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -333,31 +332,10 @@ class Undecodable:
 
 
 def error_info(exc: BaseException) -> tuple[str, str, str, bytes | None]:
-    """(type name, message, traceback text, pickled exception or None), never raising.
-
-    The traceback text is the remote one when ``exc`` came from a worker process
-    (its ``__cause__`` carries ``traceback_text``), else this process's.
-    """
+    """(type name, message, traceback text, pickled exception or None), never raising
+    (``errors.describe`` and ``errors.pickled``: the one error path)."""
     import cloudpickle
 
-    cls = type(exc)
-    mod = getattr(cls, "__module__", "") or ""
-    name = cls.__qualname__ if mod in ("builtins", "") else f"{mod}.{cls.__qualname__}"
-    try:
-        message = str(exc)
-    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error
-        message = f"<unprintable {cls.__name__}>"
-    tb = ""
-    cause = exc.__cause__
-    if cause is not None and isinstance(getattr(cause, "traceback_text", None), str):
-        tb = cause.traceback_text  # type: ignore[attr-defined]
-    if not tb:
-        try:
-            tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-        except Exception:  # noqa: BLE001
-            tb = f"{name}: {message}\n"
-    try:
-        data: bytes | None = cloudpickle.dumps(exc, protocol=5)
-    except Exception:  # noqa: BLE001 - then the client gets a RemoteError
-        data = None
-    return (name, message, tb, data)
+    from .errors import describe, pickled
+
+    return (*describe(exc), pickled(exc, lambda e: cloudpickle.dumps(e, protocol=5)))

@@ -25,6 +25,7 @@ __all__ = [
     "keygen",
     "load_client_keys",
     "load_key_file",
+    "load_key_pair",
 ]
 
 AGENT_NAME = "agent"
@@ -57,13 +58,19 @@ def load_key_file(path: Path, want_secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
-def load_client_keys(directory: str | os.PathLike[str]) -> ClientKeys:
-    """The client's key pair and the agent's public key from ``directory``."""
+def load_key_pair(directory: str | os.PathLike[str], name: str) -> tuple[Path, bytes, bytes]:
+    """(the directory, public key, secret key) of the pair ``name`` in ``directory``."""
     d = Path(directory)
     if not d.is_dir():
         raise KeyError_(f"key directory {d} does not exist (create it with: pypline-agent keygen {d})")
-    public, secret = load_key_file(d / f"{CLIENT_NAME}.key_secret", True)
+    public, secret = load_key_file(d / f"{name}.key_secret", True)
     assert secret is not None
+    return d, public, secret
+
+
+def load_client_keys(directory: str | os.PathLike[str]) -> ClientKeys:
+    """The client's key pair and the agent's public key from ``directory``."""
+    d, public, secret = load_key_pair(directory, CLIENT_NAME)
     server, _ = load_key_file(d / f"{AGENT_NAME}.key", False)
     return ClientKeys(public, secret, server)
 

@@ -164,6 +164,23 @@ def raises_cancelled(x: int) -> int:
     return x
 
 
+class CustomError(Exception):
+    """An exception type of the user's own (this module travels by value)."""
+
+
+class Unpicklable(Exception):
+    def __reduce__(self) -> Any:
+        raise TypeError("this exception refuses to be pickled")
+
+
+def fail_with_custom(x: int) -> int:
+    if x == 1:
+        raise CustomError(f"custom failure of {x}")
+    if x == 2:
+        raise Unpicklable(f"unpicklable failure of {x}")
+    return x
+
+
 # --- the recording sink ---------------------------------------------------------------------
 
 
@@ -597,3 +614,32 @@ def test_cancelling_the_run_still_raises(backend_factory: Callable[[], Backend],
             await asyncio.wait_for((Pipeline(range(4)) >> stage).run(executor=backend_factory()), 1.0)
 
     arun(main(), timeout=40)
+
+
+def test_errors_keep_their_type_and_remote_traceback(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """One error path on every backend: an exception keeps its type where it can be
+    unpickled, and the traceback of where it was raised always comes with it (as a
+    RemoteTraceback cause from another process); one that cannot be pickled becomes a
+    RemoteError naming its type, with the traceback text."""
+    import traceback
+
+    from pypline import Pipeline, RemoteError
+    from pypline.executor import RemoteTraceback
+    from pypline.util import unwrap_err
+
+    backend = backend_factory()
+    err = unwrap_err(arun((Pipeline(range(3)) >> work_pool(fail_with_custom, multi_proc=True)).run(executor=backend)))
+    by_index = {f.index: f.error for f in err.failures}
+    custom, unpicklable = by_index[1], by_index[2]
+    assert err.outputs == [0]
+    assert isinstance(custom, CustomError) and str(custom) == "custom failure of 1"
+    cause = custom.__cause__
+    if isinstance(cause, RemoteTraceback):  # raised in another process
+        assert cause.type_name.endswith("CustomError") and "fail_with_custom" in cause.traceback_text
+        assert isinstance(unpicklable, RemoteError) and unpicklable.type_name.endswith("Unpicklable")
+        assert "fail_with_custom" in unpicklable.traceback_text
+    else:  # raised in this process: the exception itself, with its own traceback
+        assert "fail_with_custom" in "".join(traceback.format_tb(custom.__traceback__))
+        assert isinstance(unpicklable, Unpicklable)
+    in_process = type(backend).__name__ in ("AsyncioBackend", "MockBackend")
+    assert isinstance(cause, RemoteTraceback) != in_process
