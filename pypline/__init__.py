@@ -5,7 +5,8 @@ The layers, each importing only the ones above it::
     pypline (this package)        the engine and public API; imports no backend
       util.py                     Result, Ok, Err and helpers
       _stage.py                   work_pool / mix_pool -> validated, frozen StageSpec
-      _pipeline.py                Pipeline / Flow composition, run / run_sync / stream
+      _pipeline.py                Pipeline / Flow composition, run / run_sync / stream / iter
+      _sync.py                    iter() and run_sync() from synchronous code (a private loop thread)
       _run.py                     one run: admission permits, stage runners, ordering, shutdown
       executor.py                 the Executor contract backends implement (public)
       _registry.py                backend name -> Backend class, lazily, then entry points
@@ -47,6 +48,7 @@ from ._config import Settings, configure  # noqa: E402
 from ._context import WorkerInfo, current_worker  # noqa: E402
 from ._errors import ItemFailure, PipelineError, RemoteError, StageCancelled, StageStartError, WorkerDied, WorkerLost  # noqa: E402
 from ._pipeline import Flow, Pipeline, PipelineStream  # noqa: E402
+from ._sync import PipelineIterator  # noqa: E402
 from ._stage import Stage, mix_pool, work_pool  # noqa: E402
 from ._stats import RunStatistics, StageStatistics  # noqa: E402
 
@@ -70,6 +72,7 @@ __all__ = [
     "ItemFailure",
     "Pipeline",
     "PipelineError",
+    "PipelineIterator",
     "PipelineStream",
     "RemoteError",
     "RunStatistics",

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, AsyncIterator, Callable
 
 from ._errors import PipelineError
+from ._sync import LoopThread, PipelineIterator, run_in_thread
 from ._run import Run
 from ._stage import Stage, as_stage
 from ._stats import RunStatistics
@@ -159,15 +160,12 @@ class Pipeline:
         return run.result()
 
     def run_sync(self, **kwargs: Any) -> Result[list[Any]]:
-        """``run(**kwargs)`` from synchronous code (starts and closes its own event loop)."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise RuntimeError(
-                "Pipeline.run_sync() was called from inside a running event loop; use `await pipeline.run()` there"
-           )
+        """``run(**kwargs)`` from synchronous code (starts and closes its own event loop).
+
+        Inside a running event loop (a Jupyter notebook, say) the run gets an event loop
+        on a private thread, and this call waits for it there: the caller's loop is
+        blocked meanwhile, as any synchronous call blocks it.
+        """
         # The result leaves through a box, not as the main task's result: asyncio.run()
         # (3.11) formats that task's repr twice while restoring the SIGINT handler,
         # and so the repr of every output (13 ms per 100,000 ints).
@@ -176,8 +174,42 @@ class Pipeline:
         async def main() -> None:
             box.append(await self.run(**kwargs))
 
-        asyncio.run(main())
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(main())
+        else:
+            run_in_thread(main())
         return box[0]
+
+    def iter(
+        self,
+        *,
+        ordered: bool = False,
+        executor: str | Backend | None = None,
+        progress: bool = False,
+        on_stats: Callable[[RunStatistics], None] | None = None,
+        stats_interval: float = 0.5,
+        stats: bool = True,
+    ) -> PipelineIterator[Any]:
+        """The synchronous twin of ``stream()``: ``for r in pipeline.iter():`` yields one ``Result``
+        per output, from plain code (a script, a notebook cell, a thread).
+
+        The engine runs on a private event-loop thread; the next result is computed only as
+        far as the memory bound allows while the loop body runs, so a slow consumer slows
+        the source. Leaving early (``break``, an exception in the loop body, ``close()``, the
+        end of ``with pipeline.iter() as results:``) stops every stage and joins the thread.
+        Arguments are those of ``stream()``.
+        """
+        stream = self.stream(
+            ordered=ordered,
+            executor=executor,
+            progress=progress,
+            on_stats=on_stats,
+            stats_interval=stats_interval,
+            stats=stats,
+        )
+        return PipelineIterator(stream, LoopThread())
 
     def stream(
         self,

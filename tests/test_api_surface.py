@@ -31,6 +31,7 @@ def test_exact_public_exports() -> None:
             "ItemFailure",
             "Pipeline",
             "PipelineError",
+            "PipelineIterator",
             "PipelineStream",
             "RemoteError",
             "RunStatistics",

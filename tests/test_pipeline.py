@@ -540,14 +540,15 @@ def test_run_sync_never_formats_the_outputs() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_run_sync_inside_a_running_loop_is_a_runtime_error(arun: Any) -> None:
-    """run_sync() inside a running loop raises RuntimeError pointing at `await pipeline.run()`."""
+def test_run_sync_inside_a_running_loop_runs_on_a_private_thread(arun: Any) -> None:
+    """run_sync() inside a running loop (a notebook cell) runs the pipeline on a private
+    event-loop thread and returns its result; that thread is gone afterwards."""
 
-    async def main() -> None:
-        with pytest.raises(RuntimeError, match=re.escape("await pipeline.run()")):
-            (Pipeline([1]) >> double).run_sync()
+    async def main() -> Any:
+        return (Pipeline([1, 2, 3]) >> double).run_sync()
 
-    arun(main())
+    assert arun(main()) == Ok([2, 4, 6])
+    assert not [t for t in threading.enumerate() if t.name == "pypline-sync"]
 
 
 @pytest.mark.timeout(30)
