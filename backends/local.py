@@ -145,6 +145,8 @@ class AsyncioExecutor(Executor):
         self._idle_order: list[int] = []  # idle workers, most recent last
         # Sampled attempt durations: bounded, so a long run keeps a recent window.
         self._latencies: deque[float] = deque(maxlen=2048)
+        # Per worker: [wall seconds, CPU seconds] of its plain calls, summed in its thread.
+        self._call_times: list[list[float]] = []
         self._targeted = False
         self._closed = False
 
@@ -162,6 +164,7 @@ class AsyncioExecutor(Executor):
         self._idle_order = []
         self._targeted = spec.is_fork
         self._threads = [None] * n
+        self._call_times = [[0.0, 0.0] for _ in range(n)]
         self._infos = [[WorkerInfo(spec.name, i, a) for a in range(1, spec.retries + 1)] for i in range(n)]
         for i, wf in enumerate(spec.workers):
             task = self._loop.create_task(self._work(i, wf), name=f"pypline-{spec.name}-{i}")
@@ -303,14 +306,23 @@ class AsyncioExecutor(Executor):
         worker = self._threads[i]
         if worker is None:
             worker = self._threads[i] = _WorkerThread(self._loop, f"pypline-{self._spec.name}-{i}")
+        timing = self._call_times[i]
         if kind is FnKind.GEN:
             call = self._gen_call(worker, fn, a, info)
         else:
 
             def call() -> Any:
                 set_worker_info(info)
-                return fn(a.item)
+                c0 = time.thread_time()
+                try:
+                    return fn(a.item)
+                finally:
+                    timing[1] += time.thread_time() - c0  # CPU time this thread spent on the call
 
+        # The call's CPU time (in its thread) against its wall time as the loop sees it, from
+        # hand-over to result: waits for I/O, and for the interpreter's lock behind a busy
+        # loop, show as wall time without CPU time (the bottleneck hint reads the share).
+        w0 = time.perf_counter()
         fut = worker.run(call)
         try:
             value = await fut
@@ -320,6 +332,9 @@ class AsyncioExecutor(Executor):
             # Timed out or cancelled while the thread runs: abandon it, give the worker a new one.
             self._abandon(i, worker)
             raise
+        finally:
+            if kind is not FnKind.GEN:  # a generator's time includes waiting for room downstream
+                timing[0] += time.perf_counter() - w0
         if asyncio.iscoroutine(value):  # a plain function returned a coroutine: await it here
             value = await value
         return value
@@ -402,7 +417,10 @@ class AsyncioExecutor(Executor):
     def statistics(self) -> ExecutorStatistics:
         lat = tuple(self._latencies)
         busy = (sum(lat) / len(lat)) * self._completed if lat else None
+        wall = sum(t[0] for t in self._call_times)
+        cpu = sum(t[1] for t in self._call_times)
         return ExecutorStatistics(
+            cpu_share=min(1.0, cpu / wall) if wall > 0 else None,
             backend="asyncio",
             workers=len(self._own),
             capacity=self._capacity,

@@ -157,6 +157,7 @@ def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
         times_full=r.times_full,
         throughput=succeeded / elapsed,
         details=es.details,
+        cpu_share=es.cpu_share,
    )
 
 
@@ -247,6 +248,8 @@ class Run:
         "renderer",
         "on_stats",
         "started",
+        "loop_cpu_at",
+        "loop_busy",
         "ended",
         "pulled",
         "taken",
@@ -323,6 +326,10 @@ class Run:
         self.on_stats: Callable[[RunStatistics], None] | None = None
         self.started = time.perf_counter()
         self.ended: float | None = None
+        # The event loop's own CPU time (Run is made on the loop's thread): how busy the loop
+        # was, for the bottleneck hint. Fixed when the run ends.
+        self.loop_cpu_at = time.thread_time()
+        self.loop_busy: float | None = None
         self.pulled = 0
         self.taken = 0
         self.failed_count = 0
@@ -716,7 +723,13 @@ class Run:
         end = self.ended if self.ended is not None else time.perf_counter()
         elapsed = max(end - self.started, 1e-9)
         stages = tuple(_stage_statistics(r, elapsed) for r in self.runners)
-        name, hint = bottleneck(stages, consumer_waited=self.consumer_waited > 0) if finished else (None, None)
+        if self.loop_busy is None:  # the run goes on: the loop thread's CPU time so far (called on the loop)
+            loop_busy: float | None = min(1.0, (time.thread_time() - self.loop_cpu_at) / elapsed)
+        else:
+            loop_busy = self.loop_busy
+        name, hint = (
+            bottleneck(stages, consumer_waited=self.consumer_waited > 0, loop_busy=loop_busy) if finished else (None, None)
+        )
         try:
             length: int | None = len(self.source)
         except Exception:
@@ -732,6 +745,7 @@ class Run:
             stages=stages,
             bottleneck=name,
             hint=hint,
+            loop_busy=loop_busy,
        )
 
     def start_reporting(
@@ -769,6 +783,7 @@ class Run:
         """Stop the reporter; the final snapshot, also given to ``on_stats`` and the renderer."""
         if self.ended is None:
             self.ended = time.perf_counter()
+            self.loop_busy = min(1.0, (time.thread_time() - self.loop_cpu_at) / max(self.ended - self.started, 1e-9))
         if self.reporter is not None:
             self.reporter.cancel()
             held = await _settle([self.reporter])

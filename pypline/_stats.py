@@ -47,6 +47,8 @@ class StageStatistics:
     ``buffer + workers``; ``queue_max`` the most it held; ``times_full`` how often
     the producer before it found it full. ``details`` is what the backend adds
     (the ``zmq`` backend: per-agent state, workers, items in flight and credits).
+    ``cpu_share`` is the share of the calls' time spent on a CPU (plain functions in
+    threads: thread CPU time over wall time), ``None`` where the backend does not measure it.
     """
 
     name: str
@@ -74,6 +76,7 @@ class StageStatistics:
     times_full: int
     throughput: float
     details: Mapping[str, Any] = field(default_factory=dict)
+    cpu_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -94,6 +97,7 @@ class RunStatistics:
     stages: tuple[StageStatistics, ...]
     bottleneck: str | None
     hint: str | None
+    loop_busy: float | None = None  # share of the run the event loop's thread spent on a CPU
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,22 +148,48 @@ def render_table(stats: RunStatistics) -> str:
     return "\n".join(lines)
 
 
-def bottleneck(stages: Sequence[StageStatistics], *, consumer_waited: bool) -> tuple[str | None, str | None]:
-    """Name what limited throughput and say what to change (the seed's Performance Tips, computed)."""
+def bottleneck(
+    stages: Sequence[StageStatistics], *, consumer_waited: bool, loop_busy: float | None = None
+) -> tuple[str | None, str | None]:
+    """Name what limited throughput and say what to change, advising only what was measured.
+
+    A stage whose workers were busy most of the time is the bottleneck. More workers help
+    only when its calls spend their time waiting for something outside the interpreter
+    (I/O). They do not when the calls are CPU-bound in threads (one core under the GIL),
+    nor when the calls mostly waited while the event loop was itself busy (they wait for
+    the interpreter behind the loop: a thread's wall time then says nothing about its
+    work). ``loop_busy`` is the share of the run the loop's thread spent on a CPU.
+    """
     measured = [s for s in stages if s.utilisation is not None and s.received]
     if not measured:
         return None, None
     top = max(measured, key=lambda s: s.utilisation or 0.0)
     u = top.utilisation or 0.0
     if u >= _SATURATED:
-        advice = f"try num_workers={top.workers * 2}"
-        if top.backend == "asyncio" and top.kind in ("sync", "gen"):
-            advice += ", or multi_proc=True if its work is CPU-bound (threads share one core under the GIL)"
         i = list(stages).index(top)
-        upstream_full = stages[i].times_full > 0
         why = f"its {top.workers} worker(s) were busy {u:.0%} of the time"
-        if upstream_full:
+        if stages[i].times_full > 0:
             why += f" and its queue was full {top.times_full} time(s)"
+        loop_saturated = loop_busy is not None and loop_busy >= _SATURATED and top.backend == "asyncio"
+        threads = top.backend == "asyncio" and top.kind in ("sync", "gen")
+        if threads and top.cpu_share is not None and top.cpu_share >= _SATURATED:
+            advice = (
+                f"its calls are CPU-bound ({top.cpu_share:.0%} of their time on a CPU): threads share one core "
+                "under the GIL, so more of them will not help; use multi_proc=True"
+            )
+        elif loop_saturated:
+            share = top.cpu_share
+            pct = "under 1%" if share is not None and share < 0.01 else f"{share:.0%}"
+            on_cpu = f" (only {pct} of their time on a CPU)" if threads and share is not None else ""
+            advice = (
+                f"but the event loop itself was busy {loop_busy:.0%} of the time, so its calls mostly waited for "
+                f"the interpreter{on_cpu}: more workers will not help; take CPU work off the loop "
+                "(async stages that compute, or the code awaiting results), e.g. with multi_proc=True"
+            )
+        else:
+            advice = f"try num_workers={top.workers * 2}"
+            if threads and top.cpu_share is None:
+                advice += ", or multi_proc=True if its work is CPU-bound (threads share one core under the GIL)"
         return top.name, f"bottleneck: stage {top.name!r} — {why}; {advice}."
     if consumer_waited:
         return "<consumer>", "bottleneck: the consumer of stream() — stages waited for it to take results."

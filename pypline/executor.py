@@ -158,6 +158,10 @@ class ExecutorStatistics:
     attempt durations in seconds (time one attempt in
     ``pypline.lowlevel.LATENCY_SAMPLE_EVERY``). ``None``/empty means unknown.
     ``details`` holds backend-specific figures (e.g. per-agent credits).
+    ``cpu_share`` is the share of its calls' time that their workers spent on a CPU
+    (thread CPU time over wall time, measured around the calls), when the backend
+    measures it: a low share means the calls mostly waited (for I/O, or for the
+    interpreter's lock).
     """
 
     backend: str
@@ -170,6 +174,7 @@ class ExecutorStatistics:
     busy_seconds: float | None = None
     latencies: tuple[float, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
+    cpu_share: float | None = None
 
 
 class Executor(abc.ABC):

@@ -142,7 +142,9 @@ def test_bottleneck_names_the_busy_stage(arun: Any) -> None:
     arun(p.run())
     stats = p.last_stats
     assert stats is not None and stats.bottleneck == "slow"
-    assert stats.hint is not None and "num_workers=2" in stats.hint and "multi_proc=True" in stats.hint
+    # Its calls sleep (off the CPU) and the loop is idle: waiting for I/O, so more workers help.
+    assert stats.hint is not None and "num_workers=2" in stats.hint and "multi_proc" not in stats.hint
+    assert stats.stages[1].cpu_share is not None and stats.stages[1].cpu_share < 0.5
     assert stats.stages[1].utilisation is not None and stats.stages[1].utilisation > 0.7
     assert stats.stages[1].times_full > 0
 
