@@ -19,11 +19,11 @@ envelopes while the parent stays accountable until its generator ends.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from ._errors import ItemFailure, StageCancelled, WorkerLost, is_cancellation
+from ._retry import RetryPolicy
 from .executor import Attempt, Executor, ExecutorStatistics, OutcomeSink
 from .util import Result
 
@@ -60,10 +60,6 @@ class RunSide(Protocol):
 
 __all__ = ["StageRunner"]
 
-# Backoff jitter: each sleep is the nominal ``backoff * 2**(attempt-1)`` plus up to
-# this fraction more, so retries of many items that failed together spread out
-# without ever sleeping less than the documented delay.
-_JITTER = 0.1
 
 
 class _Try(Attempt):
@@ -218,6 +214,7 @@ class StageRunner(Inbox, OutcomeSink):
         "gen_workers",
         "retries",
         "retry_on",
+        "policy",
         "timing",
         "closing_stats",
     )
@@ -262,6 +259,7 @@ class StageRunner(Inbox, OutcomeSink):
         self.gen_workers = [w.kind.is_generator for w in spec.workers]
         self.retries = spec.retries
         self.retry_on = spec.retry_on
+        self.policy = RetryPolicy(spec.retries, spec.retry_on, spec.backoff)
         self.timing = run.timing
         self.closing_stats: ExecutorStatistics | None = None  # taken just before the executor closes
 
@@ -435,12 +433,10 @@ class StageRunner(Inbox, OutcomeSink):
         self._left()
         self._finish(job)
 
-    def _retry(self, attempt: _Try, number: int) -> None:
+    def _retry(self, attempt: _Try, number: int, delay: float) -> None:
         self.retried += 1
         again = _Try(attempt.item, attempt.worker, number, attempt.lost, attempt._job, self)
-        backoff = self.spec.backoff
-        if backoff > 0:
-            delay = backoff * 2 ** (attempt.number - 1) * (1 + _JITTER * random.random())
+        if delay > 0:
             handles: list[asyncio.TimerHandle] = []
 
             def due() -> None:
@@ -572,16 +568,17 @@ class StageRunner(Inbox, OutcomeSink):
             if job.emitted:  # outputs already passed on are never taken back: no retry
                 self._fail(job, attempt, exc)
                 return
-        if attempt.number < self.retries and isinstance(exc, self.retry_on):
-            if self.stopping:
-                # It would have been retried, but the run is stopping (fail_fast): the item was
-                # interrupted, not failed. It stays unfinished and is counted in PipelineError.cancelled.
-                return
-            if not self.plain and job.partials is not None:
-                job.partials[attempt.worker] = []
-            self._retry(attempt, attempt.number + 1)
-        else:
+        delay = self.policy.decide(attempt.number, exc)
+        if delay is None:
             self._fail(job, attempt, exc)
+            return
+        if self.stopping:
+            # It would have been retried, but the run is stopping (fail_fast): the item was
+            # interrupted, not failed. It stays unfinished and is counted in PipelineError.cancelled.
+            return
+        if not self.plain and job.partials is not None:
+            job.partials[attempt.worker] = []
+        self._retry(attempt, attempt.number + 1, delay)
 
     def lost(self, attempt: _Try, where: str) -> None:  # type: ignore[override]
         if attempt._settled or attempt._owner is not self:

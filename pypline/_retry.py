@@ -1,0 +1,45 @@
+"""The retry policy: after a failed attempt, retry (after how long) or fail. Pure: no clock.
+
+::
+
+    attempt n of an item failed with exc
+        RetryPolicy.decide(n, exc) ──► None            the item fails now (ItemFailure, n attempts)
+                                  └──► delay seconds   attempt n+1 is queued after ``delay``
+                                                       (the stage runner sets the timer)
+
+Rules: ``retries`` is the TOTAL number of attempts; only exceptions matching ``retry_on``
+are retried; with ``backoff=b`` attempt n+1 waits ``b * 2**(n-1)`` seconds plus up to
+``JITTER`` of that more (random, so the retries of items that failed together spread
+out, never sooner than the documented delay). The random source is injected, so the
+schedule is tested without waiting.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["JITTER", "RetryPolicy"]
+
+#: Backoff jitter: each sleep is the nominal delay plus up to this fraction more.
+JITTER = 0.1
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """A stage's ``retries``, ``retry_on`` and ``backoff``, as one decision."""
+
+    retries: int
+    retry_on: tuple[type[BaseException], ...]
+    backoff: float = 0.0
+    random: Callable[[], float] = field(default=random.random, compare=False)
+
+    def decide(self, number: int, exc: BaseException) -> float | None:
+        """After attempt ``number`` (from 1) failed with ``exc``: seconds to wait before the
+        next attempt, or None when the item fails now."""
+        if number >= self.retries or not isinstance(exc, self.retry_on):
+            return None
+        if self.backoff <= 0:
+            return 0.0
+        return self.backoff * 2 ** (number - 1) * (1 + JITTER * self.random())
