@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -37,7 +36,7 @@ from typing import Any, Callable, Sequence
 from pypline.executor import StageSpec, StageStartError
 from pypline.lowlevel import WorkerInfo, set_worker_info
 
-from ._procpool import importable, modules_of  # one rule for "ship by value" in every backend
+from ._procpool import ship_unimportable_by_value  # one rule for "ship by value" in every backend
 from .wire.errors import describe, pickled, rebuild, unpickled  # the one error path
 
 __all__ = [
@@ -78,15 +77,7 @@ def pickle_function(spec: StageSpec) -> bytes:
     import cloudpickle  # type: ignore[import-untyped,unused-ignore]
 
     for wf in spec.workers:
-        for name in modules_of(wf.fn):
-            module = sys.modules.get(name)
-            if module is None or name == "__main__":
-                continue  # cloudpickle already ships __main__ by value
-            if not importable(name, getattr(module, "__file__", None)):
-                try:
-                    cloudpickle.register_pickle_by_value(module)
-                except (ValueError, TypeError):  # pragma: no cover - not registrable: try by reference
-                    pass
+        ship_unimportable_by_value(wf.fn)
     try:
         return cloudpickle.dumps([(wf.kind.value, wf.fn) for wf in spec.workers], protocol=5)  # type: ignore[no-any-return]
     except Exception as exc:

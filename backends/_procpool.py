@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+import importlib.machinery
 import inspect
 import marshal
 import mmap
@@ -538,25 +539,24 @@ class WorkerProc:
 
 
 def importable(name: str, file: str | None) -> bool:
-    """Would a fresh interpreter with our ``sys.path`` import module ``name`` from ``file``?"""
+    """Would a fresh interpreter with our ``sys.path`` import module ``name`` from ``file``?
+
+    Asks only the finders every interpreter starts with (built-in modules and the path
+    finder), never an import hook installed at run time (a test runner's, say), which a
+    worker process does not have.
+    """
     if not name or name == "__main__" or name.endswith(".__main__"):
         return False
+    if name in sys.builtin_module_names:
+        return True
     parts = name.split(".")
     path: Any = None
     spec = None
     for i in range(len(parts)):
-        full = ".".join(parts[: i + 1])
-        spec = None
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            if find is None or getattr(finder, "__module__", "").startswith("_pytest"):
-                continue  # pytest's import hooks do not exist in a worker process
-            try:
-                spec = find(full, path)
-            except Exception:  # noqa: BLE001 - a broken finder just does not find it
-                spec = None
-            if spec is not None:
-                break
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), path)
+        except Exception:  # noqa: BLE001 - an unreadable path entry just does not find it
+            spec = None
         if spec is None:
             return False
         path = spec.submodule_search_locations
@@ -583,25 +583,28 @@ def modules_of(fn: Any) -> list[str]:
     return [n for n in names if isinstance(n, str)]
 
 
-def _loaded_by_a_hook(module: Any) -> bool:
-    """Loaded by an import hook a worker does not have (pytest's assertion rewriter)."""
-    loader = getattr(module, "__loader__", None)
-    return type(loader).__module__.startswith("_pytest")
+def ship_unimportable_by_value(fn: Any) -> None:
+    """Have cloudpickle ship ``fn``'s modules by value where a worker could not import them
+    by name (``__main__`` it ships by value already). Process-wide and harmless: pickling by
+    reference could not have worked for those modules."""
+    import cloudpickle  # type: ignore[import-untyped,unused-ignore]
+
+    for name in modules_of(fn):
+        module = sys.modules.get(name)
+        if module is None or name == "__main__":
+            continue
+        if not importable(name, getattr(module, "__file__", None)):
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except (ValueError, TypeError):  # pragma: no cover - not registrable: try by reference
+                pass
 
 
 def pickle_function(fn: Callable[..., Any]) -> bytes:
     """cloudpickle ``fn``, by value for modules a worker could not import by name."""
     import cloudpickle  # type: ignore[import-untyped]
 
-    for name in modules_of(fn):
-        module = sys.modules.get(name)
-        if module is None or name == "__main__":
-            continue  # cloudpickle already ships __main__ by value
-        if _loaded_by_a_hook(module) or not importable(name, getattr(module, "__file__", None)):
-            try:
-                cloudpickle.register_pickle_by_value(module)
-            except (ValueError, TypeError):  # pragma: no cover - not registrable: try by reference
-                pass
+    ship_unimportable_by_value(fn)
     return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
 
 

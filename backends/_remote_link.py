@@ -169,7 +169,7 @@ class AgentLink:
         now = time.monotonic()
         self.next_hello = now + self.backoff
         self.backoff = min(self.backoff * 2, HELLO_RETRY_MAX_S)
-        fields: dict[str, Any] = {**P.local_versions(), **self.backend.hello_overrides}
+        fields: dict[str, Any] = P.local_versions()
         self._send([P.header(P.HELLO, hb=self.backend.heartbeat_timeout, hello=self.hello_seq, **fields)])
 
     def declare(self, ex: RemoteExecutor) -> None:

@@ -72,10 +72,7 @@ from pypline.executor import (
     WorkerDied,
 )
 
-try:
-    from pypline.lowlevel import LATENCY_SAMPLE_EVERY
-except ImportError:  # pragma: no cover - an engine without run statistics
-    LATENCY_SAMPLE_EVERY = 32
+from pypline.lowlevel import LATENCY_SAMPLE_EVERY
 
 from ._procpool import WorkerProc, WorkerStartFailed, decode_event, pickle_function
 from ._procworker import INLINE_TYPES, BLOB, EMIT, ERROR, INLINE, OK, Encoder, RawValue

@@ -85,13 +85,9 @@ def _ctx() -> zmq.asyncio.Context:
 
 
 def _local_backend() -> Backend:
-    try:
-        from pypline.backends.process import ProcessBackend  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        from pypline.backends.local import AsyncioBackend
+    from .process import ProcessBackend
 
-        return AsyncioBackend()
-    return ProcessBackend()  # type: ignore[no-any-return,unused-ignore]
+    return ProcessBackend()
 
 
 class ZmqBackend(Backend):
@@ -104,10 +100,7 @@ class ZmqBackend(Backend):
         self.links: list[AgentLink] = []
         self.executors: dict[int, RemoteExecutor] = {}
         self._sids = itertools.count(1)
-        self._tids = itertools.count(1)
-        self.hello_overrides: dict[str, Any] = {}  # tests: simulate another client version
         self.no_agent_reason: str | None = None
-        self._opened = False
         self._local: Backend | None = None  # the fallback backend, opened on first use
 
     async def open(self) -> None:
@@ -125,7 +118,6 @@ class ZmqBackend(Backend):
                 keys = load_client_keys(keys_dir)
             except KeyError_ as exc:
                 raise StageStartError("<zmq backend>", f"client keys: {exc}") from None
-        self._opened = True
         ctx = _ctx()
         self.links = [AgentLink(self, ep, keys) for ep in agents]
         for link in self.links:
@@ -184,9 +176,6 @@ class ZmqBackend(Backend):
 
     def executor(self, spec: StageSpec) -> Executor:
         return RemoteExecutor(self, spec)
-
-    def next_tid(self) -> int:
-        return next(self._tids)
 
     def link_changed(self, link: AgentLink) -> None:
         """A link became alive, died or failed: tell every stage."""

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Settings", "configure", "current_settings", "effective_agents", "effective_keys"]
+__all__ = ["Settings", "configure", "current_settings", "effective_agents", "effective_keys", "normalize_endpoint"]
 
 _FALLBACKS = ("local", "error")
 
@@ -81,7 +81,7 @@ def configure(
         for a in agents:
             if not isinstance(a, str) or not a:
                 raise TypeError(f"agents must be endpoint strings like 'tcp://127.0.0.1:5555', got {a!r}")
-        changes["agents"] = tuple(agents)
+        changes["agents"] = tuple(normalize_endpoint(a) for a in agents)
     if backend is not None:
         from .executor import Backend
 
@@ -115,12 +115,31 @@ def current_settings() -> Settings:
     return _settings
 
 
+def normalize_endpoint(text: str) -> str:
+    """An agent endpoint as ZeroMQ wants it: ``tcp://HOST:PORT`` (``HOST:PORT`` gets the
+    ``tcp://``), ``ipc://PATH`` or ``inproc://NAME``. Anything else is a ``ValueError``
+    naming what was given and the form expected."""
+    value = text.strip()
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme in ("ipc", "inproc") and rest:
+        return value
+    if not sep:
+        scheme, rest = "tcp", value
+    host, colon, port = rest.rpartition(":")
+    if scheme == "tcp" and colon and host and port.isdigit() and 0 < int(port) < 65536:
+        return f"tcp://{rest}"
+    raise ValueError(f"agent endpoint {text!r} is not of the form tcp://HOST:PORT (or HOST:PORT, ipc://PATH)")
+
+
 def effective_agents(settings: Settings) -> tuple[str, ...]:
-    """Agents from ``configure()``, else from ``PYPLINE_AGENTS`` (read now)."""
+    """Agents from ``configure()``, else from ``PYPLINE_AGENTS`` (read now; each checked)."""
     if settings.agents is not None:
         return settings.agents
     raw = os.environ.get("PYPLINE_AGENTS", "")
-    return tuple(a.strip() for a in raw.split(",") if a.strip())
+    try:
+        return tuple(normalize_endpoint(a) for a in raw.split(",") if a.strip())
+    except ValueError as exc:
+        raise ValueError(f"PYPLINE_AGENTS: {exc}") from None
 
 
 def effective_keys(settings: Settings) -> str | None:

@@ -61,6 +61,19 @@ def _check_bool(name: str, value: Any) -> None:
 _Reporting = tuple[bool, "Callable[[RunStatistics], None] | None", float, bool]
 
 
+def _check_executor(executor: Any) -> None:
+    """``executor`` names a known backend or is a Backend: checked when a run is asked for,
+    whether or not a stage will use it (a typo must not pass silently)."""
+    if executor is None or isinstance(executor, Backend):
+        return
+    if not isinstance(executor, str):
+        raise TypeError(f"executor must be a backend name or a pypline.executor.Backend, got {executor!r}")
+    from ._registry import known_backends, load_backend
+
+    if executor not in known_backends():
+        load_backend(executor)  # raises ValueError listing the known backends
+
+
 def _check_reporting(progress: Any, on_stats: Any, interval: Any, stats: Any) -> None:
     _check_bool("progress", progress)
     _check_bool("stats", stats)
@@ -138,6 +151,7 @@ class Pipeline:
         """
         _check_bool("ordered", ordered)
         _check_bool("fail_fast", fail_fast)
+        _check_executor(executor)
         _check_reporting(progress, on_stats, stats_interval, stats)
         run = Run(
             self._stages,
@@ -229,6 +243,7 @@ class Pipeline:
         closes deterministically.
         """
         _check_bool("ordered", ordered)
+        _check_executor(executor)
         _check_reporting(progress, on_stats, stats_interval, stats)
         return PipelineStream(self, ordered, executor, (progress, on_stats, stats_interval, stats))
 

@@ -5,7 +5,7 @@ Backends import from ``pypline``, ``pypline.executor`` and this module only.
 
 from __future__ import annotations
 
-from ._config import Settings, current_settings, effective_agents, effective_keys
+from ._config import Settings, current_settings, effective_agents, effective_keys, normalize_endpoint
 from ._context import WorkerInfo, set_worker_info, worker_context
 from ._run import admission_bound
 from ._stage import FnKind, StageSpec, WorkerFn, fn_kind
@@ -23,6 +23,7 @@ __all__ = [
     "effective_agents",
     "effective_keys",
     "fn_kind",
+    "normalize_endpoint",
     "set_worker_info",
     "worker_context",
 ]

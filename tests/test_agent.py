@@ -266,20 +266,31 @@ def test_fallback_error_makes_the_run_an_err(arun: Any, free_endpoint: Any) -> N
 
 
 @pytest.mark.timeout(60)
-def test_version_mismatch_is_a_clear_error_naming_both_sides(arun: Any, shared_agent: Any) -> None:
-    """A HELLO with another protocol version is refused with both sides' versions named."""
+def test_version_mismatch_is_a_clear_error_naming_both_sides(
+    arun: Any, shared_agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A HELLO with another protocol version is refused with both sides' versions named.
+    (This client pretends to be another version: a test double of the versions it reports.)"""
     from pypline.backends.remote import ZmqBackend
+    from pypline.backends.wire import protocol as wire
     from pypline.worker_agent.probe import ProbeError, probe
 
+    real = wire.local_versions
+
+    def pretend(**changes: Any) -> None:
+        monkeypatch.setattr(wire, "local_versions", lambda: {**real(), **changes})
+
+    pretend(proto=99, cloudpickle="0.0.1")
     with pytest.raises(ProbeError) as info:
-        arun(probe(shared_agent.endpoint, timeout=3, hello_overrides={"proto": 99, "cloudpickle": "0.0.1"}))
+        arun(probe(shared_agent.endpoint, timeout=3))
     msg = str(info.value)
     assert "version mismatch" in msg and "protocol 99" in msg and "protocol 1" in msg
     assert "cloudpickle 0.0.1" in msg
     assert shared_agent.status()["counters"]["version_mismatch"] >= 1
 
     backend = ZmqBackend(agents=[shared_agent.endpoint])
-    backend.hello_overrides = {"python": ["cpython", 2, 7, 18]}
+    monkeypatch.setattr(wire, "local_versions", real)
+    pretend(python=["cpython", 2, 7, 18])
     configure(fallback="error", connect_timeout=3)
     try:
         res = arun((Pipeline([1]) >> work_pool(where, multi_proc=True)).run(executor=backend))

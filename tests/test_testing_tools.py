@@ -49,10 +49,9 @@ def test_module_docstring_example_runs() -> None:
 
 
 def test_readme_testing_snippet_runs() -> None:
-    """The README's "Testing your pipelines" block runs as written (or the docs page that holds it)."""
-    docs = ROOT / "docs" / "how-to" / "testing.md"
-    text = docs.read_text() if docs.exists() else (ROOT / "README.md").read_text()
-    code = _markdown_block_under(text, "Testing your pipelines" if not docs.exists() else "# ")
+    """The guide's "Testing your pipelines" block runs as written."""
+    text = (ROOT / "docs" / "guide.md").read_text()
+    code = _markdown_block_under(text, "Testing your pipelines")
     assert "MockBackend" in code
     exec(compile(code, "README testing snippet", "exec"), {})
 

@@ -46,6 +46,20 @@ def _Exit(message: str, code: int) -> click.ClickException:
     return cls(message)
 
 
+def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An endpoint argument or option, checked and completed (``HOST:PORT`` -> ``tcp://HOST:PORT``)."""
+    if value is None:
+        return None
+    from pypline.lowlevel import normalize_endpoint
+
+    try:
+        if param.name == "bind" and value.endswith(":*"):  # bind to a free port: check the rest
+            return normalize_endpoint(value[:-2] + ":1")[:-2] + ":*"
+        return normalize_endpoint(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pypline-async", prog_name="pypline-agent")
 def main() -> None:
@@ -64,6 +78,7 @@ def main() -> None:
 @click.option(
     "--bind",
     default=DEFAULT_BIND,
+    callback=_endpoint,
     show_default=True,
     metavar="ENDPOINT",
     help="ZeroMQ endpoint to listen on. A non-loopback address needs --keys (or --insecure). "
@@ -270,7 +285,7 @@ _timeout_option = click.option(
 
 
 @main.command()
-@click.argument("endpoint")
+@click.argument("endpoint", callback=_endpoint)
 @_keys_option
 @_timeout_option
 def ping(endpoint: str, keys_dir: str | None, timeout: float) -> None:
@@ -293,7 +308,7 @@ def ping(endpoint: str, keys_dir: str | None, timeout: float) -> None:
 
 
 @main.command()
-@click.argument("endpoint")
+@click.argument("endpoint", callback=_endpoint)
 @_keys_option
 @_timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")

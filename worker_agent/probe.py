@@ -55,7 +55,6 @@ async def probe(
     keys: str | os.PathLike[str] | None = None,
     timeout: float = 3.0,
     detail: bool = True,
-    hello_overrides: dict[str, Any] | None = None,
 ) -> ProbeResult:
     """Ask the agent at ``endpoint`` who it is and how it is doing."""
     ctx = zmq.asyncio.Context.instance()
@@ -72,8 +71,6 @@ async def probe(
         sock.connect(endpoint)
         mine = P.local_versions()
         fields = {**mine, "hb": timeout, "hello": 1, "role": "cli"}
-        if hello_overrides:
-            fields.update(hello_overrides)
         t0 = time.perf_counter()
         await sock.send_multipart([P.header(P.HELLO, **fields)])
         hello = await _expect(sock, (P.HELLO_OK, P.ERROR), timeout, endpoint)

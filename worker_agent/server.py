@@ -86,23 +86,18 @@ class AgentConfig:
 
 def _make_backend(name: str) -> tuple[str, Callable[[], Backend]]:
     if name == "process":
-        try:
-            from pypline.backends.process import ProcessBackend  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            log.warning("the process backend is not available (%s); using the asyncio backend", exc)
-        else:
-            return "process", ProcessBackend  # type: ignore[no-any-return,unused-ignore]
+        from pypline.backends.process import ProcessBackend
+
+        return "process", ProcessBackend
     from pypline.backends.local import AsyncioBackend
 
     return "asyncio", AsyncioBackend
 
 
-def _raw_values() -> Callable[[Any, bool], Any] | None:
-    try:
-        from pypline.backends.process import RawValue  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # pragma: no cover - an older process backend: plain copies
-        return None
-    return RawValue  # type: ignore[no-any-return,unused-ignore]
+def _raw_values() -> Callable[[Any, bool], Any]:
+    from pypline.backends.process import RawValue
+
+    return RawValue
 
 
 class Agent:

@@ -162,7 +162,6 @@ E_VERSION = "VERSION_MISMATCH"
 E_DRAINING = "DRAINING"
 E_NO_SESSION = "NO_SESSION"
 E_STAGE = "STAGE_FAILED"
-E_BAD_MESSAGE = "BAD_MESSAGE"
 
 KINDS = ("async", "sync", "gen", "async_gen")  # pypline's FnKind values
 
