@@ -602,7 +602,7 @@ def ship_unimportable_by_value(fn: Any) -> None:
 
 def pickle_function(fn: Callable[..., Any]) -> bytes:
     """cloudpickle ``fn``, by value for modules a worker could not import by name."""
-    import cloudpickle  # type: ignore[import-untyped]
+    import cloudpickle  # type: ignore[import-untyped,unused-ignore]
 
     ship_unimportable_by_value(fn)
     return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]

@@ -76,7 +76,7 @@ class RemoteExecutor(Executor):
         self.backend = backend
         self.spec = spec
         self._limit = spec.buffer + spec.num_workers
-        self.sid = next(backend._sids)
+        self.sid = next(backend.sids)
         self.local: Executor | None = None
         self._local_starting: asyncio.Task[None] | None = None
         self._failing: str | None = None  # fallback="error" and no agent left: why
@@ -230,7 +230,7 @@ class RemoteExecutor(Executor):
             out = ls.out
             if ls.window > len(out):
                 self.submitted += 1
-                tid = next(self.backend._tids)
+                tid = next(self.backend.tids)
                 out[tid] = attempt
                 ls.to_send.append((tid, attempt))
                 link = ls.link
@@ -246,7 +246,7 @@ class RemoteExecutor(Executor):
         if len(cands) == 1:  # the hot path: one agent with room for all of them
             ls = cands[0]
             if ls.window - len(ls.out) >= n:
-                out, to_send, tids = ls.out, ls.to_send, self.backend._tids
+                out, to_send, tids = ls.out, ls.to_send, self.backend.tids
                 for a in attempts:
                     tid = next(tids)
                     out[tid] = a
@@ -257,7 +257,7 @@ class RemoteExecutor(Executor):
                 return
         frees = [ls.window - len(ls.out) for ls in cands]
         local: list[Attempt] = []
-        tids = self.backend._tids
+        tids = self.backend.tids
         touched: set[AgentLink] = set()
         for a in attempts:
             best, most = -1, 0

@@ -99,7 +99,8 @@ class ZmqBackend(Backend):
         self._agents = tuple(agents) if agents is not None else None
         self.links: list[AgentLink] = []
         self.executors: dict[int, RemoteExecutor] = {}
-        self._sids = itertools.count(1)
+        self.sids = itertools.count(1)  # stage ids, one per stage of the run
+        self.tids = itertools.count(1)  # task ids, unique in the run (a late result is matched by it)
         self.no_agent_reason: str | None = None
         self._local: Backend | None = None  # the fallback backend, opened on first use
 

@@ -42,4 +42,5 @@ class RetryPolicy:
             return None
         if self.backoff <= 0:
             return 0.0
-        return self.backoff * 2 ** (number - 1) * (1 + JITTER * self.random())
+        delay: float = self.backoff * 2 ** (number - 1) * (1 + JITTER * self.random())
+        return delay
