@@ -145,7 +145,7 @@ class AsyncioExecutor(Executor):
         self._idle_order: list[int] = []  # idle workers, most recent last
         # Sampled attempt durations: bounded, so a long run keeps a recent window.
         self._latencies: deque[float] = deque(maxlen=2048)
-        # Per worker: [wall seconds, CPU seconds] of its plain calls, summed in its thread.
+        # Per worker: [wall seconds, CPU seconds] of its sampled plain calls, and its call count.
         self._call_times: list[list[float]] = []
         self._targeted = False
         self._closed = False
@@ -164,7 +164,7 @@ class AsyncioExecutor(Executor):
         self._idle_order = []
         self._targeted = spec.is_fork
         self._threads = [None] * n
-        self._call_times = [[0.0, 0.0] for _ in range(n)]
+        self._call_times = [[0.0, 0.0, 0] for _ in range(n)]
         self._infos = [[WorkerInfo(spec.name, i, a) for a in range(1, spec.retries + 1)] for i in range(n)]
         for i, wf in enumerate(spec.workers):
             task = self._loop.create_task(self._work(i, wf), name=f"pypline-{spec.name}-{i}")
@@ -306,10 +306,16 @@ class AsyncioExecutor(Executor):
         worker = self._threads[i]
         if worker is None:
             worker = self._threads[i] = _WorkerThread(self._loop, f"pypline-{self._spec.name}-{i}")
+        # One plain call in LATENCY_SAMPLE_EVERY is timed: its CPU time in its thread against
+        # its wall time as the loop sees it, from hand-over to result. Waits for I/O, and for
+        # the interpreter's lock behind a busy loop, show as wall time without CPU time (the
+        # bottleneck hint reads the share).
         timing = self._call_times[i]
+        timing[2] += 1
+        sampled = kind is not FnKind.GEN and timing[2] % LATENCY_SAMPLE_EVERY == 0
         if kind is FnKind.GEN:
             call = self._gen_call(worker, fn, a, info)
-        else:
+        elif sampled:
 
             def call() -> Any:
                 set_worker_info(info)
@@ -317,12 +323,15 @@ class AsyncioExecutor(Executor):
                 try:
                     return fn(a.item)
                 finally:
-                    timing[1] += time.thread_time() - c0  # CPU time this thread spent on the call
+                    timing[1] += time.thread_time() - c0
 
-        # The call's CPU time (in its thread) against its wall time as the loop sees it, from
-        # hand-over to result: waits for I/O, and for the interpreter's lock behind a busy
-        # loop, show as wall time without CPU time (the bottleneck hint reads the share).
-        w0 = time.perf_counter()
+        else:
+
+            def call() -> Any:
+                set_worker_info(info)
+                return fn(a.item)
+
+        w0 = time.perf_counter() if sampled else 0.0
         fut = worker.run(call)
         try:
             value = await fut
@@ -333,7 +342,7 @@ class AsyncioExecutor(Executor):
             self._abandon(i, worker)
             raise
         finally:
-            if kind is not FnKind.GEN:  # a generator's time includes waiting for room downstream
+            if sampled:
                 timing[0] += time.perf_counter() - w0
         if asyncio.iscoroutine(value):  # a plain function returned a coroutine: await it here
             value = await value

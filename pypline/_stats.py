@@ -97,7 +97,10 @@ class RunStatistics:
     stages: tuple[StageStatistics, ...]
     bottleneck: str | None
     hint: str | None
-    loop_busy: float | None = None  # share of the run the event loop's thread spent on a CPU
+    # Share of the run the event loop's thread spent on a CPU. On a machine busy with other
+    # work it reads low (the loop waited for a CPU, not for work): the hint then falls back
+    # to its general advice.
+    loop_busy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
