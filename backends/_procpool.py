@@ -75,7 +75,7 @@ from typing import Any
 
 from .wire.errors import rebuild
 
-from ._procworker import (
+from ._procwire import (
     ARENA_ALIGN,
     EMIT,
     ERROR,

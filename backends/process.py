@@ -75,7 +75,7 @@ from pypline.executor import (
 from pypline.lowlevel import LATENCY_SAMPLE_EVERY
 
 from ._procpool import WorkerProc, WorkerStartFailed, decode_event, pickle_function
-from ._procworker import INLINE_TYPES, BLOB, EMIT, ERROR, INLINE, OK, Encoder, RawValue
+from ._procwire import INLINE_TYPES, BLOB, EMIT, ERROR, INLINE, OK, Encoder, RawValue
 
 __all__ = ["ProcessBackend", "ProcessExecutor", "RawValue"]  # RawValue: for the agent (server.py)
 

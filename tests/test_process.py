@@ -896,7 +896,7 @@ def test_wire_frames_survive_any_split() -> None:
     import select
     import socket
 
-    from pypline.backends._procworker import BIG_FRAME, READ_CHUNK, FrameReader, send_all
+    from pypline.backends._procwire import BIG_FRAME, READ_CHUNK, FrameReader, send_all
 
     rng = random.Random(1234)
     sizes = [0, 1, 7, BIG_FRAME - 1, BIG_FRAME, BIG_FRAME + 1, READ_CHUNK - 5, READ_CHUNK + 3, 3 * READ_CHUNK]

@@ -25,7 +25,7 @@ import psutil
 import pytest
 from pypline.backends import _procpool
 from pypline.backends._procpool import Arena
-from pypline.backends._procworker import ARENA_ALIGN, RawValue
+from pypline.backends._procwire import ARENA_ALIGN, RawValue
 
 from pypline import Pipeline, PipelineError, WorkerDied, work_pool
 from pypline.util import unwrap, unwrap_err
