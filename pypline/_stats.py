@@ -182,8 +182,9 @@ def bottleneck(
             )
         elif loop_saturated:
             share = top.cpu_share
-            pct = "under 1%" if share is not None and share < 0.01 else f"{share:.0%}"
-            on_cpu = f" (only {pct} of their time on a CPU)" if threads and share is not None else ""
+            on_cpu = ""
+            if threads and share is not None:
+                on_cpu = f" (only {'under 1%' if share < 0.01 else f'{share:.0%}'} of their time on a CPU)"
             advice = (
                 f"but the event loop itself was busy {loop_busy:.0%} of the time, so its calls mostly waited for "
                 f"the interpreter{on_cpu}: more workers will not help; take CPU work off the loop "
