@@ -66,19 +66,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Where the agent's private, writable temporary directory is when the sandbox is applied
+#: by hand (systemd's PrivateTmp= gives it a private /tmp instead). Not over /tmp: the
+#: interpreter running these tests may live there.
+BY_HAND_TMP = "/mnt/pypline-tmp"
+
+
 def _by_hand(keys: Path, port: int) -> list[str]:
     """The unit's restrictions without systemd: a private mount namespace whose root is
-    read-only and whose /tmp is empty, the credentials copied to a private directory, then
-    no new privileges and no capabilities for the agent itself."""
+    read-only, with a private empty temporary directory (TMPDIR), the credentials copied to
+    a private directory, then no new privileges and no capabilities for the agent itself."""
     creds = "/mnt/pypline-credentials"
     script = f"""
 set -e
 mount --make-rprivate /
-mount -t tmpfs -o mode=0700 tmpfs /mnt
+mount -t tmpfs -o mode=0755 tmpfs /mnt
 mkdir -m 0500 {creds}
+mkdir -m 1777 {BY_HAND_TMP}
 cp {keys}/agent.key_secret {keys}/client.key {creds}/
 mount -o remount,bind,ro /
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+export TMPDIR={BY_HAND_TMP}
 exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all -- \\
     {BIN / "pypline-agent"} serve --bind tcp://127.0.0.1:{port} --keys {creds} --workers 1 --drain-timeout 5
 """
@@ -118,7 +125,7 @@ def _sandbox_available() -> str | None:
 @pytest.mark.timeout(90)
 def test_agent_serves_under_the_units_sandbox(tmp_path: Path) -> None:
     """Started with the unit's restrictions, the agent answers ``ping`` with the client's
-    key, cannot write outside its private /tmp, and exits 0 on SIGTERM."""
+    key, cannot write outside its private temporary directory, and exits 0 on SIGTERM."""
     how = _sandbox_available()
     if how is None:
         pytest.skip("neither systemd nor root with unshare/setpriv is available to apply the sandbox")
@@ -151,8 +158,9 @@ def test_agent_serves_under_the_units_sandbox(tmp_path: Path) -> None:
         assert ping.returncode == 0, ping.stdout + ping.stderr
         assert "workers 1" in ping.stdout
         escape = ROOT / f".written-by-a-sandboxed-agent-{os.getpid()}"  # on the root file system, not /tmp
-        results = _write_through_agent(f"tcp://127.0.0.1:{port}", keys, [str(escape), "/tmp/private-tmp-file"])
-        assert results[1] == "ok"  # its private /tmp is writable
+        private_tmp = "/tmp" if how == "systemd-run" else BY_HAND_TMP
+        results = _write_through_agent(f"tcp://127.0.0.1:{port}", keys, [str(escape), f"{private_tmp}/probe"])
+        assert results[1] == "ok"  # its private temporary directory is writable
         assert "Read-only file system" in results[0] and not escape.exists()  # the rest of the system is not
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=30) == 0
