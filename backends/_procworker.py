@@ -43,7 +43,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # --- tuning -----------------------------------------------------------------------------
 
@@ -80,10 +80,13 @@ def _sibling(name: str, *path: str) -> types.ModuleType:
     return module
 
 
-try:  # imported as pypline.backends._procworker (the parent side, the tests)
+if TYPE_CHECKING:
     from . import _procwire as wire
-except ImportError:  # a worker process: load the wire module by its path
-    wire = _sibling("_pypline_procwire", "_procwire.py")
+else:
+    try:  # imported as pypline.backends._procworker (the parent side, the tests)
+        from . import _procwire as wire
+    except ImportError:  # a worker process: load the wire module by its path
+        wire = _sibling("_pypline_procwire", "_procwire.py")
 
 EMIT, ERROR, INLINE, OK, REVOKE = wire.EMIT, wire.ERROR, wire.INLINE, wire.OK, wire.REVOKE
 INLINE_TYPES = wire.INLINE_TYPES
@@ -123,7 +126,7 @@ class _Worker:
         self.reader = FrameReader(sock, memoryview(arena) if arena is not None else None)
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
-        self._encoder: Encoder | None = None  # built on first use: imports cloudpickle
+        self._encoder: wire.Encoder | None = None  # built on first use: imports cloudpickle
         self.queue: deque[tuple[int, int, Any]] = deque()  # (tid, attempt, item or (tag, data))
         self.frames_of: dict[int, list[Any]] = {}  # tid -> its message's frames, for non-inline items
         self.outbox: deque[tuple[Any, ...]] = deque()  # (tid, code, value) or (tid, ERROR, exc)
@@ -150,7 +153,7 @@ class _Worker:
         self.emitted_sent = False  # something was sent since the current task began
 
     @property
-    def encoder(self) -> Encoder:
+    def encoder(self) -> wire.Encoder:
         if self._encoder is None:
             self._encoder = Encoder()
         return self._encoder
