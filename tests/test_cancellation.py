@@ -22,9 +22,13 @@ from pypline.testing import MockBackend
 from pypline.util import is_err, is_ok, unwrap
 
 
-async def _cancel_when(task: asyncio.Task[Any], event: asyncio.Event) -> None:
-    await event.wait()
-    task.cancel()
+async def _wait_until_cancelled(seen: list[str]) -> None:
+    """Stage code that blocks until the run cancels it, noting that it saw the cancellation."""
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        seen.append("cancelled")
+        raise
 
 
 def test_cancel_during_start_reraises_and_closes_the_backend(arun: Any) -> None:
@@ -73,11 +77,7 @@ def test_cancel_while_items_are_in_flight_reraises(arun: Any, phase: str) -> Non
         @work_pool(num_workers=2)
         async def blocked(x: int) -> int:
             started.set()
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                seen.append("cancelled")
-                raise
+            await _wait_until_cancelled(seen)
             return x
 
         source: Any = range(2) if phase == "draining" else range(1000)
@@ -173,11 +173,7 @@ def test_cancel_a_stream_consumer_reraises_and_closes(arun: Any) -> None:
         @work_pool(num_workers=2)
         async def slow_after_first(x: int) -> int:
             if x > 0:
-                try:
-                    await asyncio.Event().wait()
-                except asyncio.CancelledError:
-                    seen.append("cancelled")
-                    raise
+                await _wait_until_cancelled(seen)
             return x
 
         async def consume() -> None:
