@@ -20,6 +20,7 @@ The layers, each importing only the ones above it::
 """
 
 import os as _os
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 
 def _map_checkout_folders() -> None:
@@ -53,19 +54,24 @@ from ._stage import Stage, mix_pool, work_pool  # noqa: E402
 from ._stats import RunStatistics, StageStatistics  # noqa: E402
 
 
-def __getattr__(name: str) -> str:
-    """``pypline.__version__``: the installed distribution's version, read when first asked
-    (pyproject.toml is the one place it is written; importlib.metadata is not cheap to import)."""
-    if name != "__version__":
-        raise AttributeError(f"module 'pypline' has no attribute {name!r}")
-    from importlib.metadata import PackageNotFoundError, version
+if _TYPE_CHECKING:
+    __version__: str
+else:
 
-    try:
-        value = version("pypline-async")
-    except PackageNotFoundError:  # imported from a source tree that was never installed
-        value = "0+unknown"
-    globals()["__version__"] = value
-    return value
+    def __getattr__(name: str) -> str:
+        """``pypline.__version__``: the installed distribution's version, read when first asked
+        (pyproject.toml is the one place it is written; importlib.metadata is not cheap to import).
+        Hidden from type checkers, which would otherwise take any misspelt name for a str."""
+        if name != "__version__":
+            raise AttributeError(f"module 'pypline' has no attribute {name!r}")
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("pypline-async")
+        except PackageNotFoundError:  # imported from a source tree that was never installed
+            value = "0+unknown"
+        globals()["__version__"] = value
+        return value
 
 __all__ = [
     "Flow",

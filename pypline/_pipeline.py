@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import sys
 from types import TracebackType
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Generic, Iterable, Iterator, TypeVar, overload
 
-from ._errors import PipelineError
+from ._errors import ItemFailure, PipelineError
 from ._sync import LoopThread, PipelineIterator, run_in_thread
 from ._run import Run
 from ._stage import Stage, as_stage
@@ -21,8 +21,13 @@ from .util import Result
 
 __all__ = ["Pipeline", "Flow", "PipelineStream"]
 
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+In = TypeVar("In", contravariant=True)
+U = TypeVar("U")
 
-def _stages_of(x: Any) -> tuple[Stage, ...]:
+
+def _stages_of(x: Any) -> tuple[Stage[Any, Any], ...]:
     if isinstance(x, Flow):
         return x.stages
     if isinstance(x, Pipeline):
@@ -30,24 +35,36 @@ def _stages_of(x: Any) -> tuple[Stage, ...]:
     return (as_stage(x),)
 
 
-class Flow:
-    """A reusable sequence of stages with no source: ``Pipeline(src) >> flow``."""
+class Flow(Generic[In, T_co]):
+    """A reusable sequence of stages with no source: ``Pipeline(src) >> flow``.
+
+    ``Flow[In, Out]`` takes items of type ``In`` and gives outputs of type ``Out``.
+    """
 
     __slots__ = ("_stages",)
 
-    def __init__(self, stages: tuple[Stage, ...] = ()) -> None:
+    def __init__(self, stages: tuple[Stage[Any, Any], ...] = ()) -> None:
         self._stages = tuple(as_stage(s) for s in stages)
 
     @property
-    def stages(self) -> tuple[Stage, ...]:
+    def stages(self) -> tuple[Stage[Any, Any], ...]:
         return self._stages
 
-    def stage(self, x: Stage | Flow | Any) -> Flow:
+    @overload
+    def stage(self, x: Stage[T_co, U] | Flow[T_co, U]) -> Flow[In, U]: ...
+    @overload
+    def stage(self, x: Callable[[T_co], Awaitable[U]]) -> Flow[In, U]: ...
+    @overload
+    def stage(self, x: Callable[[T_co], AsyncIterator[U]]) -> Flow[In, U]: ...
+    @overload
+    def stage(self, x: Callable[[T_co], Iterator[U]]) -> Flow[In, U]: ...
+    @overload
+    def stage(self, x: Callable[[T_co], U]) -> Flow[In, U]: ...
+    def stage(self, x: Any) -> Flow[In, Any]:
         """A new flow with ``x`` appended (a Stage, a plain callable or a Flow)."""
         return Flow(self._stages + _stages_of(x))
 
-    def __rshift__(self, x: Stage | Flow | Any) -> Flow:
-        return self.stage(x)
+    __rshift__ = stage
 
     def __repr__(self) -> str:
         return f"Flow({' >> '.join(s.name for s in self._stages)})"
@@ -87,12 +104,21 @@ def _check_reporting(progress: Any, on_stats: Any, interval: Any, stats: Any) ->
         raise ValueError(f"stats_interval must be > 0, got {interval!r}")
 
 
-class Pipeline:
-    """A source and the stages its items go through. Immutable: ``>>`` returns a new one."""
+class Pipeline(Generic[T_co]):
+    """A source and the stages its items go through. Immutable: ``>>`` returns a new one.
+
+    ``Pipeline[T]`` gives outputs of type ``T``: ``Pipeline(range(3))`` is a ``Pipeline[int]``,
+    and ``>> stage`` with a ``Stage[int, str]`` makes a ``Pipeline[str]``. A stage whose input
+    type does not accept ``T`` is a type error.
+    """
 
     __slots__ = ("_source", "_stages", "_last_stats")
 
-    def __init__(self, source: Any, _stages: tuple[Stage, ...] = ()) -> None:
+    @overload
+    def __init__(self: Pipeline[T], source: AsyncIterable[T], _stages: tuple[Stage[Any, Any], ...] = ()) -> None: ...
+    @overload
+    def __init__(self: Pipeline[T], source: Iterable[T], _stages: tuple[Stage[Any, Any], ...] = ()) -> None: ...
+    def __init__(self, source: Any, _stages: tuple[Stage[Any, Any], ...] = ()) -> None:
         if not (hasattr(source, "__aiter__") or hasattr(source, "__iter__")):
             raise TypeError(
                 f"Pipeline source must be an iterable or async iterable, got {source!r} ({type(source).__name__})"
@@ -102,7 +128,7 @@ class Pipeline:
         self._last_stats: RunStatistics | None = None
 
     @property
-    def stages(self) -> tuple[Stage, ...]:
+    def stages(self) -> tuple[Stage[Any, Any], ...]:
         return self._stages
 
     @property
@@ -114,12 +140,21 @@ class Pipeline:
         """Statistics of this pipeline's last finished run or stream (``None`` before one)."""
         return self._last_stats
 
-    def stage(self, x: Stage | Flow | Any) -> Pipeline:
+    @overload
+    def stage(self, x: Stage[T_co, U] | Flow[T_co, U]) -> Pipeline[U]: ...
+    @overload
+    def stage(self, x: Callable[[T_co], Awaitable[U]]) -> Pipeline[U]: ...
+    @overload
+    def stage(self, x: Callable[[T_co], AsyncIterator[U]]) -> Pipeline[U]: ...
+    @overload
+    def stage(self, x: Callable[[T_co], Iterator[U]]) -> Pipeline[U]: ...
+    @overload
+    def stage(self, x: Callable[[T_co], U]) -> Pipeline[U]: ...
+    def stage(self, x: Any) -> Pipeline[Any]:
         """A new pipeline with ``x`` appended (a Stage, a plain callable or a Flow)."""
         return Pipeline(self._source, self._stages + _stages_of(x))
 
-    def __rshift__(self, x: Stage | Flow | Any) -> Pipeline:
-        return self.stage(x)
+    __rshift__ = stage
 
     def __repr__(self) -> str:
         names = "".join(f" >> {s.name}" for s in self._stages)
@@ -135,7 +170,7 @@ class Pipeline:
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
-   ) -> Result[list[Any]]:
+   ) -> Result[list[T_co], PipelineError]:
         """Run every item through every stage; ``Ok(outputs)`` or ``Err(PipelineError)``.
 
         Never raises for a failing item or source. ``ordered=True`` returns outputs in
@@ -173,7 +208,7 @@ class Pipeline:
                 self._last_stats = await run.finish_reporting() if stats else None
         return run.result()
 
-    def run_sync(self, **kwargs: Any) -> Result[list[Any]]:
+    def run_sync(self, **kwargs: Any) -> Result[list[T_co], PipelineError]:
         """``run(**kwargs)`` from synchronous code (starts and closes its own event loop).
 
         Inside a running event loop (a Jupyter notebook, say) the run gets an event loop
@@ -183,7 +218,7 @@ class Pipeline:
         # The result leaves through a box, not as the main task's result: asyncio.run()
         # (3.11) formats that task's repr twice while restoring the SIGINT handler,
         # and so the repr of every output (13 ms per 100,000 ints).
-        box: list[Result[list[Any]]] = []
+        box: list[Result[list[T_co], PipelineError]] = []
 
         async def main() -> None:
             box.append(await self.run(**kwargs))
@@ -205,7 +240,7 @@ class Pipeline:
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
-    ) -> PipelineIterator[Any]:
+    ) -> PipelineIterator[T_co]:
         """The synchronous twin of ``stream()``: ``for r in pipeline.iter():`` yields one ``Result``
         per output, from plain code (a script, a notebook cell, a thread).
 
@@ -234,7 +269,7 @@ class Pipeline:
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
-   ) -> PipelineStream:
+   ) -> PipelineStream[T_co]:
         """An async iterator of one ``Result`` per output: ``Ok(value)`` or ``Err(ItemFailure)``.
 
         A slow consumer slows the whole pipeline (the memory bound holds).
@@ -248,18 +283,18 @@ class Pipeline:
         return PipelineStream(self, ordered, executor, (progress, on_stats, stats_interval, stats))
 
 
-class PipelineStream:
+class PipelineStream(Generic[T_co]):
     """The async iterator returned by ``Pipeline.stream()``; also an async context manager."""
 
     def __init__(
-        self, pipeline: Pipeline, ordered: bool, executor: str | Backend | None, reporting: _Reporting
+        self, pipeline: Pipeline[T_co], ordered: bool, executor: str | Backend | None, reporting: _Reporting
    ) -> None:
         self._agen = self._results(pipeline, ordered, executor, reporting)
 
     @staticmethod
     async def _results(
-        pipeline: Pipeline, ordered: bool, executor: str | Backend | None, reporting: _Reporting
-   ) -> AsyncIterator[Result[Any]]:
+        pipeline: Pipeline[T_co], ordered: bool, executor: str | Backend | None, reporting: _Reporting
+   ) -> AsyncIterator[Result[T_co, ItemFailure]]:
         progress, on_stats, interval, stats = reporting
         run = Run(
             pipeline.stages,
@@ -285,17 +320,17 @@ class PipelineStream:
             finally:
                 pipeline._last_stats = await run.finish_reporting() if stats else None
 
-    def __aiter__(self) -> PipelineStream:
+    def __aiter__(self) -> PipelineStream[T_co]:
         return self
 
-    async def __anext__(self) -> Result[Any]:
+    async def __anext__(self) -> Result[T_co, ItemFailure]:
         return await self._agen.__anext__()
 
     async def aclose(self) -> None:
         """Stop every stage and release everything the stream holds."""
         await self._agen.aclose()  # type: ignore[attr-defined]
 
-    async def __aenter__(self) -> PipelineStream:
+    async def __aenter__(self) -> PipelineStream[T_co]:
         return self
 
     async def __aexit__(

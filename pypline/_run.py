@@ -268,7 +268,7 @@ class Run:
 
     def __init__(
         self,
-        stages: tuple[Stage, ...],
+        stages: tuple[Stage[Any, Any], ...],
         source: Any,
         *,
         ordered: bool,
@@ -313,7 +313,7 @@ class Run:
         self.failures: list[ItemFailure] = []
         self.cause: BaseException | None = None
         self.source_failure: ItemFailure | None = None
-        self.ready: deque[tuple[Envelope | None, Result[Any]]] = deque()
+        self.ready: deque[tuple[Envelope | None, Result[Any, ItemFailure]]] = deque()
         self.consumer: asyncio.Future[None] | None = None
         self.order: deque[Envelope] = deque()
         self.runners: list[StageRunner] = []
@@ -648,7 +648,7 @@ class Run:
         env._job = None
         self.drop(src)
 
-    def _stream_result(self, src: Envelope, path: tuple[int, ...], result: Result[Any]) -> None:
+    def _stream_result(self, src: Envelope, path: tuple[int, ...], result: Result[Any, ItemFailure]) -> None:
         if self.ordered:
             if src.bucket is None:
                 src.bucket = []
@@ -806,7 +806,7 @@ class Run:
             self.on_stats = None
         return final
 
-    def result(self) -> Result[list[Any]]:
+    def result(self) -> Result[list[Any], PipelineError]:
         outputs = self.outputs
         if self.ordered:
             keys = self.keys
@@ -825,7 +825,7 @@ class Run:
             return Err(PipelineError(failures=failures, outputs=outputs, cause=self.cause, cancelled=cancelled))
         return Ok(outputs)
 
-    async def next_result(self) -> Result[Any] | None:
+    async def next_result(self) -> Result[Any, ItemFailure] | None:
         """The next streamed result, or None at the end."""
         while not self.ready:
             if self.finished.done():

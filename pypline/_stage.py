@@ -12,12 +12,32 @@ import functools
 import inspect
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generic,
+    Iterator,
+    Protocol,
+    Sequence,
+    TypeVar,
+    overload,
+)
 
 if TYPE_CHECKING:
     from ._pipeline import Flow
 
 __all__ = ["FnKind", "WorkerFn", "StageSpec", "Stage", "work_pool", "mix_pool", "as_stage"]
+
+In = TypeVar("In", contravariant=True)
+Out = TypeVar("Out", covariant=True)
+A = TypeVar("A")
+B = TypeVar("B")
+U = TypeVar("U")
+M = TypeVar("M")
+M_co = TypeVar("M_co", covariant=True)
 
 
 class FnKind(enum.Enum):
@@ -86,8 +106,14 @@ class StageSpec:
         return self.fork_merge is not None
 
 
-class Stage:
-    """A pipeline stage. Calling it calls the decorated function (or a mix_pool's factory)."""
+class Stage(Generic[In, Out]):
+    """A pipeline stage taking items of type ``In`` and giving outputs of type ``Out``.
+
+    Calling it calls the decorated function (or a mix_pool's factory). For type checkers,
+    ``work_pool`` reads ``In`` and ``Out`` from the function: ``async def f(x: int) -> str``
+    and ``def f(x: int) -> str`` make a ``Stage[int, str]``; a generator (sync or async)
+    yielding ``str`` makes a ``Stage[int, str]`` too, as each yielded value is an output.
+    """
 
     def __init__(self, spec: StageSpec, call: Callable[..., Any]) -> None:
         self.spec = spec
@@ -95,6 +121,10 @@ class Stage:
         self.__wrapped__ = call
         functools.update_wrapper(self, call, updated=())
 
+    @overload
+    def __call__(self, item: In, /, *args: Any, **kwargs: Any) -> Any: ...
+    @overload
+    def __call__(self) -> Any: ...  # a mix_pool's factory
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._call(*args, **kwargs)
 
@@ -139,10 +169,20 @@ class Stage:
         """Each worker's function (``num_workers`` copies of one for a ``work_pool``)."""
         return tuple(w.fn for w in self.spec.workers)
 
-    def __rshift__(self, other: Any) -> Flow:
+    @overload
+    def __rshift__(self, other: Stage[Out, U] | Flow[Out, U]) -> Flow[In, U]: ...
+    @overload
+    def __rshift__(self, other: Callable[[Out], Awaitable[U]]) -> Flow[In, U]: ...
+    @overload
+    def __rshift__(self, other: Callable[[Out], AsyncIterator[U]]) -> Flow[In, U]: ...
+    @overload
+    def __rshift__(self, other: Callable[[Out], Iterator[U]]) -> Flow[In, U]: ...
+    @overload
+    def __rshift__(self, other: Callable[[Out], U]) -> Flow[In, U]: ...
+    def __rshift__(self, other: Any) -> Flow[In, Any]:
         from ._pipeline import Flow
 
-        flow: Flow = Flow((self,)) >> other
+        flow: Flow[In, Any] = Flow((self,)) >> other
         return flow
 
     def __repr__(self) -> str:
@@ -217,8 +257,33 @@ def _callable_name(fn: Any) -> str:
 # --- decorators ---------------------------------------------------------------------------
 
 
+class StageDecorator(Protocol):
+    """What ``@work_pool(...)`` (without ``fork_merge``) returns: it types the stage from the function."""
+
+    @overload
+    def __call__(self, fn: Callable[[A], Awaitable[B]], /) -> Stage[A, B]: ...
+    @overload
+    def __call__(self, fn: Callable[[A], AsyncIterator[B]], /) -> Stage[A, B]: ...
+    @overload
+    def __call__(self, fn: Callable[[A], Iterator[B]], /) -> Stage[A, B]: ...
+    @overload
+    def __call__(self, fn: Callable[[A], B], /) -> Stage[A, B]: ...
+
+
+class ForkDecorator(Protocol[M_co]):
+    """What ``@work_pool(fork_merge=f)`` returns: the stage's output is what ``f`` returns."""
+
+    def __call__(self, fn: Callable[[A], Any], /) -> Stage[A, M_co]: ...
+
+
 @overload
-def work_pool(fn: Callable[..., Any], /) -> Stage: ...
+def work_pool(fn: Callable[[A], Awaitable[B]], /) -> Stage[A, B]: ...
+@overload
+def work_pool(fn: Callable[[A], AsyncIterator[B]], /) -> Stage[A, B]: ...
+@overload
+def work_pool(fn: Callable[[A], Iterator[B]], /) -> Stage[A, B]: ...
+@overload
+def work_pool(fn: Callable[[A], B], /) -> Stage[A, B]: ...
 @overload
 def work_pool(
     fn: None = None,
@@ -228,12 +293,27 @@ def work_pool(
     retries: int = 1,
     num_workers: int = 1,
     multi_proc: bool = False,
-    fork_merge: Callable[[list[Any]], Any] | None = None,
+    fork_merge: None = None,
     timeout: float | None = None,
     backoff: float = 0.0,
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
     name: str | None = None,
-) -> Callable[[Callable[..., Any]], Stage]: ...
+) -> StageDecorator: ...
+@overload
+def work_pool(
+    fn: None = None,
+    /,
+    *,
+    buffer: int = 16,
+    retries: int = 1,
+    num_workers: int = 1,
+    multi_proc: bool = False,
+    fork_merge: Callable[[list[Any]], M],
+    timeout: float | None = None,
+    backoff: float = 0.0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    name: str | None = None,
+) -> ForkDecorator[M]: ...
 
 
 def work_pool(
@@ -249,7 +329,7 @@ def work_pool(
     backoff: float = 0.0,
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
     name: str | None = None,
-) -> Stage | Callable[[Callable[..., Any]], Stage]:
+) -> Stage[Any, Any] | Callable[[Callable[..., Any]], Stage[Any, Any]]:
     """Make a stage of ``num_workers`` identical workers running ``fn``.
 
     Pool mode: each item goes to one free worker. With ``fork_merge=f``: each item
@@ -271,7 +351,7 @@ def work_pool(
     )
     workers = _check_int("num_workers", num_workers, 1)
 
-    def decorate(f: Callable[..., Any]) -> Stage:
+    def decorate(f: Callable[..., Any]) -> Stage[Any, Any]:
         if isinstance(f, Stage):
             raise TypeError(f"work_pool() was given a Stage ({f.name!r}); decorate the plain function instead")
         if not callable(f):
@@ -286,7 +366,7 @@ def work_pool(
 
 
 @overload
-def mix_pool(factory: Callable[[], Sequence[Callable[..., Any]]], /) -> Stage: ...
+def mix_pool(factory: Callable[[], Sequence[Callable[..., Any]]], /) -> Stage[Any, Any]: ...
 @overload
 def mix_pool(
     factory: None = None,
@@ -295,12 +375,26 @@ def mix_pool(
     buffer: int = 16,
     retries: int = 1,
     multi_proc: bool = False,
-    fork_merge: Callable[[list[Any]], Any] | None = None,
+    fork_merge: None = None,
     timeout: float | None = None,
     backoff: float = 0.0,
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
     name: str | None = None,
-) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage]: ...
+) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]: ...
+@overload
+def mix_pool(
+    factory: None = None,
+    /,
+    *,
+    buffer: int = 16,
+    retries: int = 1,
+    multi_proc: bool = False,
+    fork_merge: Callable[[list[Any]], M],
+    timeout: float | None = None,
+    backoff: float = 0.0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    name: str | None = None,
+) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, M]]: ...
 
 
 def mix_pool(
@@ -315,7 +409,7 @@ def mix_pool(
     backoff: float = 0.0,
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
     name: str | None = None,
-) -> Stage | Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage]:
+) -> Stage[Any, Any] | Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]:
     """Make a stage whose workers are different functions.
 
     Decorates a zero-argument factory returning a non-empty list of callables; each
@@ -333,7 +427,7 @@ def mix_pool(
         name=name,
     )
 
-    def decorate(f: Callable[[], Sequence[Callable[..., Any]]]) -> Stage:
+    def decorate(f: Callable[[], Sequence[Callable[..., Any]]]) -> Stage[Any, Any]:
         if not callable(f):
             raise TypeError(f"mix_pool() decorates a zero-argument factory, got {f!r}")
         fns = f()
@@ -359,11 +453,11 @@ def mix_pool(
     return decorate(factory)
 
 
-def as_stage(x: Any) -> Stage:
+def as_stage(x: Any) -> Stage[Any, Any]:
     """A ``Stage`` as is; a plain callable wrapped with ``work_pool`` defaults."""
     if isinstance(x, Stage):
         return x
     if callable(x):
-        stage: Stage = work_pool(x)
+        stage: Stage[Any, Any] = work_pool(x)
         return stage
     raise TypeError(f"a pipeline stage must be a Stage, a callable or a Flow, got {x!r} ({type(x).__name__})")

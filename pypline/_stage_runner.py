@@ -105,7 +105,7 @@ class Envelope(_Try):
         self.index = index
         self.live = 1  # (root only) envelopes of this source item in the pipeline
         self.pending = 0  # (root only) results in the stream's ready queue, not yet taken
-        self.bucket: list[tuple[tuple[int, ...], Result[Any]]] | None = None
+        self.bucket: list[tuple[tuple[int, ...], Result[Any, ItemFailure]]] | None = None
 
 
 class _Job:

@@ -24,9 +24,11 @@ from collections.abc import Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from ._errors import ItemFailure
 from .util import Result
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 __all__ = ["LoopThread", "PipelineIterator"]
 
@@ -76,7 +78,7 @@ def run_in_thread(coro: Coroutine[Any, Any, T]) -> T:
         worker.close()
 
 
-class PipelineIterator(Generic[T]):
+class PipelineIterator(Generic[T_co]):
     """What ``Pipeline.iter()`` returns: an iterator of ``Result``s, also a context manager.
 
     ``close()`` (also at the end of a ``with`` block, when the iteration ends, and when
@@ -88,15 +90,15 @@ class PipelineIterator(Generic[T]):
         self._stream = stream
         self._worker: LoopThread | None = worker
 
-    def __iter__(self) -> Iterator[Result[T]]:
+    def __iter__(self) -> Iterator[Result[T_co, ItemFailure]]:
         return self
 
-    def __next__(self) -> Result[T]:
+    def __next__(self) -> Result[T_co, ItemFailure]:
         worker = self._worker
         if worker is None:
             raise StopIteration
         try:
-            result: Result[T] = worker.call(self._stream.__anext__())
+            result: Result[T_co, ItemFailure] = worker.call(self._stream.__anext__())
         except StopAsyncIteration:
             self.close()
             raise StopIteration from None
@@ -115,7 +117,7 @@ class PipelineIterator(Generic[T]):
         finally:
             worker.close()
 
-    def __enter__(self) -> PipelineIterator[T]:
+    def __enter__(self) -> PipelineIterator[T_co]:
         return self
 
     def __exit__(

@@ -42,12 +42,15 @@ def test_results_are_frozen(r: Result[Any]) -> None:
 
 
 def test_result_types_are_subscriptable() -> None:
-    """Ok[T], Err[E] and Result[T] are generic aliases; Result[T] is Ok[T] | Err."""
+    """Ok[T], Err[E] and Result[T] are generic aliases; Result[T] is Ok[T] | Err[BaseException]
+    and Result[T, E] keeps the error type."""
     assert typing.get_origin(Ok[int]) is Ok
     assert typing.get_origin(Err[KeyError]) is Err
     args = typing.get_args(Result[int])
-    assert Ok[int] in args
-    assert {typing.get_origin(a) for a in args} == {Ok, Err}
+    assert set(args) == {Ok[int], Err[BaseException]}
+    assert set(typing.get_args(Result[int, KeyError])) == {Ok[int], Err[KeyError]}
+    with pytest.raises(TypeError, match=r"Result takes \[T\] or \[T, E\], got 3"):
+        Result[int, KeyError, str]  # type: ignore[misc]
 
 
 def test_generic_alias_instantiation() -> None:
