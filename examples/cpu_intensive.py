@@ -3,8 +3,9 @@
 A plain ``def`` stage with ``multi_proc=True`` runs in local worker processes
 (the "process" backend), so pure-Python number crunching is not serialised by
 the GIL. Functions and items travel with cloudpickle, so functions defined in
-this script work. The ``if __name__ == "__main__":`` guard is required: worker
-processes may import this file again and must not start another pipeline.
+this script work. No ``if __name__ == "__main__":`` guard is needed: worker
+processes are fresh interpreters that never import this script (its functions are
+sent by value). The one at the bottom is only the usual style for a script.
 
 The workload is deliberately tiny (it runs in well under a second).
 """
