@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Generic, Iterable, Iterator, TypeVar, overload
 
 from ._errors import ItemFailure, PipelineError
+from ._progress import ProgressChoice, check_progress
 from ._sync import LoopThread, PipelineIterator, run_in_thread
 from ._run import Run
 from ._stage import Stage, as_stage
@@ -75,7 +76,7 @@ def _check_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-_Reporting = tuple[bool, "Callable[[RunStatistics], None] | None", float, bool]
+_Reporting = tuple["ProgressChoice", "Callable[[RunStatistics], None] | None", float, bool]
 
 
 def _check_executor(executor: Any) -> None:
@@ -92,10 +93,10 @@ def _check_executor(executor: Any) -> None:
 
 
 def _check_reporting(progress: Any, on_stats: Any, interval: Any, stats: Any) -> None:
-    _check_bool("progress", progress)
+    check_progress(progress)
     _check_bool("stats", stats)
     if not stats and (progress or on_stats is not None):
-        raise ValueError("progress=True and on_stats need statistics; they cannot be used with stats=False")
+        raise ValueError("progress and on_stats need statistics; they cannot be used with stats=False")
     if on_stats is not None and not callable(on_stats):
         raise TypeError(f"on_stats must be callable or None, got {on_stats!r}")
     if isinstance(interval, bool) or not isinstance(interval, (int, float)):
@@ -166,7 +167,7 @@ class Pipeline(Generic[T_co]):
         ordered: bool = True,
         fail_fast: bool = False,
         executor: str | Backend | None = None,
-        progress: bool = False,
+        progress: ProgressChoice = False,
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
@@ -178,8 +179,9 @@ class Pipeline(Generic[T_co]):
         names the backend (or is a ``Backend``) for ``multi_proc=True`` stages.
         Cancelling the awaiting task stops every stage and re-raises ``CancelledError``.
 
-        ``progress=True`` draws one live line per stage on stderr when it is a
-        terminal. ``on_stats(RunStatistics)`` is called every ``stats_interval``
+        ``progress=True`` draws one live line per stage: on stderr when it is a
+        terminal, in the cell's output in a Jupyter notebook; ``progress="tqdm"`` or
+        ``"rich"`` draws a bar per stage with that library. ``on_stats(RunStatistics)`` is called every ``stats_interval``
         seconds and once more at the end; ``pipeline.last_stats`` keeps the final one.
         ``stats=False`` skips timing samples and the final snapshot (the engine's
         counters are its own bookkeeping and are always kept).
@@ -236,7 +238,7 @@ class Pipeline(Generic[T_co]):
         *,
         ordered: bool = False,
         executor: str | Backend | None = None,
-        progress: bool = False,
+        progress: ProgressChoice = False,
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
@@ -265,7 +267,7 @@ class Pipeline(Generic[T_co]):
         *,
         ordered: bool = False,
         executor: str | Backend | None = None,
-        progress: bool = False,
+        progress: ProgressChoice = False,
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 
 from ._config import current_settings, effective_agents
 from ._errors import ItemFailure, PipelineError, StageStartError
-from ._progress import REFRESH_SECONDS, ProgressRenderer
+from ._progress import REFRESH_SECONDS, Display, ProgressChoice, make_display
 from ._registry import load_backend
 from ._stage_runner import StageRunner, Envelope, Inbox, wait_for_space
 from ._stats import RunStatistics, StageStatistics, bottleneck, percentile
@@ -322,7 +322,7 @@ class Run:
         self.pump_task: asyncio.Task[None] | None = None
         self.closing = False  # shutdown() has started
         self.reporter: asyncio.Task[None] | None = None
-        self.renderer: ProgressRenderer | None = None
+        self.renderer: Display | None = None
         self.on_stats: Callable[[RunStatistics], None] | None = None
         self.started = time.perf_counter()
         self.ended: float | None = None
@@ -749,10 +749,10 @@ class Run:
        )
 
     def start_reporting(
-        self, on_stats: Callable[[RunStatistics], None] | None, progress: bool, interval: float, stream: TextIO
+        self, on_stats: Callable[[RunStatistics], None] | None, progress: ProgressChoice, interval: float, stream: TextIO
    ) -> None:
-        """Call ``on_stats`` every ``interval`` s and/or draw progress (terminals only)."""
-        renderer = ProgressRenderer(stream) if progress and stream.isatty() else None
+        """Call ``on_stats`` every ``interval`` s and/or draw progress where it can be shown."""
+        renderer = make_display(progress, stream)
         if on_stats is None and renderer is None:
             return
         self.renderer = renderer

@@ -244,3 +244,38 @@ def test_progress_in_a_real_pseudo_terminal(tmp_path: Any) -> None:
     assert status == 0, text
     assert "fetch" in text and "parse" in text and "150/150 done" in text and "queue [" in text
     assert "\x1b[2K" in text and "done: 150 delivered" in text
+
+
+@pytest.mark.parametrize("library", ["tqdm", "rich"])
+def test_progress_with_a_library_draws_a_bar_per_stage(
+    library: str, arun: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """progress="tqdm" / "rich" draw each stage's bar with that library, ending at the item count."""
+
+    @work_pool(num_workers=4)
+    async def fetch(x: int) -> int:
+        await asyncio.sleep(0.001)
+        return x
+
+    p = Pipeline(range(40)) >> fetch >> work_pool(abs)
+    assert arun(p.run(progress=library)) == Ok(list(range(40)))  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "fetch" in err and "abs" in err
+    assert err.count("40/40") >= 2, err  # both stages' last draw: all 40 items done
+
+
+def test_progress_takes_only_known_choices() -> None:
+    p = Pipeline(range(3)) >> work_pool(abs)
+    with pytest.raises(ValueError, match=r"progress must be True, False, 'tqdm' or 'rich', got 'bars'"):
+        p.run_sync(progress="bars")
+    with pytest.raises(ValueError, match="progress must be"):
+        p.stream(progress=1)  # type: ignore[arg-type]
+
+
+def test_progress_with_a_missing_library_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rich" else real(name, *a))
+    with pytest.raises(ImportError, match=r"progress='rich' needs rich: pip install 'pypline-async\[rich\]'"):
+        (Pipeline(range(3)) >> work_pool(abs)).run_sync(progress="rich")
