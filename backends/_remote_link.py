@@ -105,6 +105,7 @@ class AgentLink:
         self.enc = P.Encoder()
         self.flush_scheduled = False
         self.late = 0
+        self.unhandled = 0  # messages that made handling fail unexpectedly (dropped)
         self.deaths = 0
         self.draining = False  # the agent announced DRAIN: results still come, no new work goes
         self.sock: zmq.asyncio.Socket | None = None
@@ -135,6 +136,23 @@ class AgentLink:
         self._hello()
         self.tasks.append(loop.create_task(self._reader(sock), name=f"pypline-zmq-reader-{self.where}"))
         self.tasks.append(loop.create_task(self._ticker(), name=f"pypline-zmq-ticker-{self.where}"))
+        for t in self.tasks:
+            t.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        """The reader and the ticker live as long as the link: one that ends early means this
+        agent can no longer be heard (or timed), so the link fails for good, loudly, and what
+        was in flight there goes elsewhere instead of waiting forever."""
+        if task.cancelled() or self.state == CLOSED:
+            return
+        exc = task.exception()
+        why = f"{task.get_name()} stopped ({type(exc).__name__}: {exc})" if exc else f"{task.get_name()} stopped"
+        log.error("agent %s: %s; no more work goes there in this run", self.where, why, exc_info=exc)
+        self.die(why)
+        self.state = FAILED
+        self.error = f"agent {self.where}: {why}"
+        self.resolved.set()
+        self.backend.link_changed(self)
 
     async def aclose(self) -> None:
         if self.state == CLOSED:
@@ -253,6 +271,19 @@ class AgentLink:
                 self._handle(frames)
 
     def _handle(self, frames: list[Any]) -> None:
+        """Handle one message from the agent. One the link cannot handle (whatever the
+        reason) is dropped and logged, and the agent is taken for gone: its answers cannot
+        be trusted, and its attempts are re-dispatched rather than waited for."""
+        try:
+            self._dispatch(frames)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the reader
+            self.unhandled += 1
+            log.error("agent %s: dropped a message that could not be handled: %s: %.200s",
+                      self.where, type(exc).__name__, exc, exc_info=exc)
+            if self.state == ALIVE:
+                self.die(f"a message from it could not be handled ({type(exc).__name__})")
+
+    def _dispatch(self, frames: list[Any]) -> None:
         try:
             h = P.parse_header(frames)
         except P.ProtocolError as exc:

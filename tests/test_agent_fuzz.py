@@ -94,6 +94,26 @@ def plausible(draw: Any) -> list[bytes]:
 
 raw_frames = st.lists(st.binary(max_size=128), min_size=1, max_size=6)
 
+
+@st.composite
+def extreme(draw: Any) -> list[bytes]:
+    """A real message type whose header nests deeper than the JSON parser goes, or holds
+    numbers past what the parser or the checks take, or has a truncated or extra frame."""
+    t = draw(st.sampled_from(sorted(P.TYPES)))
+    head = json.dumps({"t": t, "nf": 0, "seq": 1, "sid": 1, "n": 1}).encode()[:-1]
+    kind = draw(st.sampled_from(["nested", "huge", "truncated", "frames"]))
+    if kind == "nested":
+        depth = draw(st.sampled_from([50, 1500, 2000]))  # past json's C parser depth on 3.11
+        return [head + b', "x": ' + b"[" * depth + b"]" * depth + b"}"]
+    if kind == "huge":
+        field = draw(_field_names).encode()
+        number = draw(st.sampled_from([b"1" * 4000, b"1e999", b"-1e999", b"9" * 30]))
+        return [head + b', "' + field + b'": ' + number + b"}"]
+    full = P.header(t, 1, sid=1, n=1, seq=1)
+    if kind == "truncated":
+        return [full[: draw(st.integers(1, len(full) - 1))], b"x"]
+    return [full, *draw(st.lists(st.binary(max_size=8), max_size=4))]  # a frame count other than announced
+
 SID = 1  # the stage the HELLOed fuzz session declares (it runs ``square``)
 
 
@@ -153,6 +173,16 @@ def near_valid(draw: Any) -> list[bytes]:
     ]
 
 
+def _probe(endpoint: str) -> zmq.Socket:
+    """A well-behaved session, used only to check that the agent still answers."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    sock.send_multipart([P.header(P.HELLO, hb=60.0, hello=1, **P.local_versions())])
+    _expect(sock, P.HELLO_OK)
+    return sock
+
+
 def _sockets(endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
     """A peer that never says HELLO, and one with a session whose stage ``SID`` runs ``square``."""
     ctx = zmq.Context.instance()
@@ -197,7 +227,8 @@ def test_random_messages_are_dropped_and_the_agent_keeps_serving(shared_agent: A
     """Hundreds of random and half-valid messages: all refused or answered sanely; the agent then
     still runs a real pipeline and has counted what it dropped."""
     anon, helloed = _sockets(shared_agent.endpoint)
-    sent = {"n": 0}
+    probe = _probe(shared_agent.endpoint)
+    sent = {"n": 0, "pings": 0}
 
     def send(sock: zmq.Socket, frames: list[bytes]) -> None:
         try:
@@ -208,15 +239,25 @@ def test_random_messages_are_dropped_and_the_agent_keeps_serving(shared_agent: A
         while sock.poll(0):  # keep our receive queue short
             sock.recv_multipart()
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(
-        st.one_of(st.tuples(st.one_of(raw_frames, plausible()), st.booleans()), st.tuples(near_valid(), st.just(True)))
+        st.one_of(
+            st.tuples(st.one_of(raw_frames, plausible(), extreme()), st.booleans()),
+            st.tuples(near_valid(), st.just(True)),
+        )
     )
     def fuzz(case: tuple[list[bytes], bool]) -> None:
         frames, after_hello = case
         if after_hello and P.HELLO.encode() in frames[0][:40] or b'"BYE"' in frames[0][:40]:
             after_hello = False  # keep the fuzz session (and its stage) alive
         send(helloed if after_hello else anon, frames)
+        sent["pings"] += 1
+        probe.send_multipart([P.header(P.PING, seq=sent["pings"])])
+        while True:  # after every case, the agent still answers
+            assert probe.poll(5000), f"the agent stopped answering after {frames!r:.300}"
+            h = P.parse_header(probe.recv_multipart())
+            if h["t"] == P.PONG and h["seq"] == sent["pings"]:
+                break
 
     try:
         send(anon, [P.header(P.PING, seq=1)])  # well-formed, but this peer never said HELLO
@@ -226,6 +267,7 @@ def test_random_messages_are_dropped_and_the_agent_keeps_serving(shared_agent: A
     finally:
         anon.close(0)
         helloed.close(0)
+        probe.close(0)
     assert sent["n"] > 100
     assert shared_agent.proc.poll() is None, shared_agent.log()
     counters = shared_agent.status()["counters"]

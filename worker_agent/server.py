@@ -68,6 +68,11 @@ SNDHWM = 100_000
 LOG_FIRST = 10
 
 
+#: serve()'s status when one of the agent's own tasks (the socket reader, the ticker, the
+#: monitor) stopped for a reason nobody handled (EX_SOFTWARE): a supervisor restarts it.
+EXIT_INTERNAL = 70
+
+
 class ConfigError(Exception):
     """The agent cannot start with this configuration (the operator's set-up is at fault)."""
 
@@ -123,6 +128,7 @@ class Agent:
         self.draining = False
         self.counters: dict[str, int] = {
             "malformed": 0,
+            "handler_errors": 0,
             "unhelloed": 0,
             "refused": 0,
             "version_mismatch": 0,
@@ -213,6 +219,8 @@ class Agent:
             tasks.append(loop.create_task(self._reader(sock), name="pypline-agent-reader"))
             tasks.append(loop.create_task(self._ticker(), name="pypline-agent-ticker"))
             tasks.append(loop.create_task(self._monitor(monitor), name="pypline-agent-monitor"))
+            for t in tasks:
+                t.add_done_callback(self._essential_task_ended)
             log.info(
                 "serving %s: %d workers per stage, %s backend, %s, instance %s",
                 self.endpoint,
@@ -250,6 +258,21 @@ class Agent:
             if auth is not None:
                 auth.stop()
             ctx.term()
+
+    def _essential_task_ended(self, task: asyncio.Task[Any]) -> None:
+        """The reader, ticker and monitor run for the agent's whole life: one that ends
+        early leaves the agent deaf or blind, so the agent stops, non-zero and loudly."""
+        if task.cancelled() or self._stop is None or self._stop.done():
+            return
+        exc = task.exception()
+        log.critical(
+            "%s stopped (%s); the agent exits with status %d so that its supervisor restarts it",
+            task.get_name(),
+            f"{type(exc).__name__}: {exc}" if exc is not None else "it returned",
+            EXIT_INTERNAL,
+            exc_info=exc,
+        )
+        self.stop(EXIT_INTERNAL)
 
     def stop(self, status: int = 0) -> None:
         if self._stop is not None and not self._stop.done():
@@ -376,6 +399,19 @@ class Agent:
         self._warn(kind, f"dropped a message from {rid.hex()[:8]}: {why}")
 
     def _handle(self, frames: list[Any]) -> None:
+        """Handle one message. Whatever it holds, the reader goes on to the next one: a
+        message that makes handling fail unexpectedly is dropped, counted and logged."""
+        try:
+            self._dispatch(frames)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the reader
+            self.counters["handler_errors"] += 1
+            n = self._logged.get("handler_errors", 0) + 1
+            self._logged["handler_errors"] = n
+            if n <= LOG_FIRST or n % 1000 == 0:
+                log.error("dropped a message that could not be handled: %s: %.200s", type(exc).__name__, exc,
+                          exc_info=exc)
+
+    def _dispatch(self, frames: list[Any]) -> None:
         if len(frames) < 2:
             self.counters["malformed"] += 1
             return
@@ -420,9 +456,6 @@ class Agent:
                 self._drop("malformed", rid, f"{t} is not a client message")
         except P.ProtocolError as exc:
             self._drop("malformed", rid, str(exc))
-        except Exception:
-            self.counters["malformed"] += 1
-            log.exception("error handling %s from %s", t, rid.hex()[:8])
 
     # --- messages ----------------------------------------------------------------------------
 

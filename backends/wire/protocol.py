@@ -277,8 +277,20 @@ def parse_header(frames: Sequence[Any]) -> dict[str, Any]:
     """Validate a message's header completely and return it; ``ProtocolError`` if anything is off.
 
     ``frames`` are the message's frames (``bytes`` or ``zmq.Frame``), routing id removed.
-    No payload frame is looked at, apart from counting them.
+    No payload frame is looked at, apart from counting them. Whatever a peer sends, the
+    only exception that leaves is ``ProtocolError``: a header that makes the JSON parser
+    or a check fail in a way nobody foresaw (nesting deeper than the parser goes, say)
+    is a malformed header like any other.
     """
+    try:
+        return _parse_header(frames)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the peer's input must not reach the reader as anything else
+        raise ProtocolError(f"unreadable header ({type(exc).__name__}: {str(exc):.80})") from None
+
+
+def _parse_header(frames: Sequence[Any]) -> dict[str, Any]:
     if not frames:
         raise ProtocolError("empty message")
     if len(frames) > MAX_FRAMES:
@@ -291,8 +303,8 @@ def parse_header(frames: Sequence[Any]) -> dict[str, Any]:
         raise ProtocolError("header is not a JSON object")
     try:
         h = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"header is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"header is not valid JSON: {type(exc).__name__}: {str(exc):.80}") from None
     if type(h) is not dict:
         raise ProtocolError("header is not a JSON object")
     t = h.get("t")

@@ -1,0 +1,119 @@
+"""One hostile message must never make an agent (or a client) deaf.
+
+A header of deeply nested JSON fits under MAX_HEADER yet makes ``json.loads`` raise
+``RecursionError``; any exception while handling one message must drop that message,
+count it and keep the reader alive. If a reader dies anyway, the agent exits non-zero
+(a supervisor restarts it) instead of staying up and never answering again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import pytest
+import zmq
+from pypline.backends.wire import protocol as P
+
+pytestmark = pytest.mark.timeout(60)
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from conftest import free_endpoint  # noqa: E402
+
+
+def nested(depth: int, t: str = P.PING) -> bytes:
+    """A header of message type ``t`` whose field ``x`` nests ``depth`` lists deep."""
+    head = json.dumps({"t": t, "nf": 0, "seq": 1}).encode()[:-1]
+    return head + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def _ping(endpoint: str, seq: int = 7, timeout_ms: int = 5000) -> dict[str, Any] | None:
+    """HELLO, then PING on a fresh connection: the PONG's header, or None if no answer."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart([P.header(P.HELLO, hb=30.0, hello=1, **P.local_versions())])
+        if not sock.poll(timeout_ms):
+            return None
+        assert P.parse_header(sock.recv_multipart())["t"] == P.HELLO_OK
+        sock.send_multipart([P.header(P.PING, seq=seq)])
+        while sock.poll(timeout_ms):
+            h = P.parse_header(sock.recv_multipart())
+            if h["t"] == P.PONG:
+                return h
+        return None
+    finally:
+        sock.close(0)
+
+
+DEPTH = 2000  # 4 KB: under MAX_HEADER, and deeper than json's C parser goes on Python 3.11
+
+
+def test_parse_header_turns_any_parser_failure_into_a_protocol_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = nested(DEPTH)
+    assert len(frame) < P.MAX_HEADER
+    try:
+        P.parse_header([frame])  # accepted where the parser can go this deep (the field is unknown)
+    except P.ProtocolError as exc:
+        assert "header is not valid JSON" in str(exc)
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise RecursionError("maximum recursion depth exceeded while decoding a JSON array")
+
+    monkeypatch.setattr(P.json, "loads", explode)
+    with pytest.raises(P.ProtocolError, match="header is not valid JSON: RecursionError"):
+        P.parse_header([P.header(P.PING, seq=1)])
+
+
+@pytest.mark.parametrize("after_hello", [False, True])
+def test_a_deeply_nested_header_does_not_make_the_agent_deaf(shared_agent: Any, after_hello: bool) -> None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(shared_agent.endpoint)
+    try:
+        if after_hello:
+            sock.send_multipart([P.header(P.HELLO, hb=30.0, hello=1, **P.local_versions())])
+            assert sock.poll(5000)
+            sock.recv_multipart()
+        before = shared_agent.status()["counters"]["malformed"]
+        for t in (P.PING, P.TASKS, P.HELLO, P.STAGE):
+            sock.send_multipart([nested(DEPTH, t)])
+        pong = _ping(shared_agent.endpoint)
+        assert pong is not None, shared_agent.log()
+        assert shared_agent.status()["counters"]["malformed"] >= before + 4
+    finally:
+        sock.close(0)
+    assert "Traceback" not in shared_agent.log()  # dropped as malformed, not as a crash
+
+
+def test_an_agent_whose_reader_dies_stops_with_a_failure_status(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader that stops for a reason nobody handled takes the agent down, loudly: serve()
+    returns a non-zero status (the CLI exits with it), instead of leaving a deaf process up."""
+    import asyncio
+    import threading
+
+    from pypline.worker_agent import server
+
+    def broken_recv(sock: Any) -> Any:
+        raise zmq.ZMQError(zmq.EFSM, "the socket is in a state nobody expected")
+
+    monkeypatch.setattr(server, "recv_now", broken_recv)  # the reader's second read fails
+    agent = server.Agent(server.AgentConfig(bind=free_endpoint(), workers=1, backend="asyncio"))
+
+    def poke(a: server.Agent) -> None:
+        def send() -> None:
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(a.endpoint)
+            sock.send_multipart([P.header(P.PING, seq=1)])
+            sock.close(1000)
+
+        threading.Thread(target=send).start()
+
+    status = asyncio.run(asyncio.wait_for(agent.serve(poke), 20))
+    assert status == server.EXIT_INTERNAL != 0
+    assert any("reader stopped" in r.getMessage() and r.levelname == "CRITICAL" for r in caplog.records)
