@@ -2,17 +2,19 @@
 
 ::
 
-    session ends ─► StageHost idle (nothing running or queued)? ─ yes ─► park(key) for IDLE_TTL_S
-                                                              └─ no ──► aclose (kills its workers)
+    session ends ─► agent not draining? ─ yes ─► park(key) for IDLE_TTL_S (calls of the old
+                                          │       session still running end unreported)
+                                          └─ no ──► aclose (kills its workers)
     STAGE from any session ─► take(key) ─ hit ─► reuse: no process spawn, no function load
                                         └─ miss ─► new executor from the local backend
 
 An executor reports to the ``SinkProxy`` it was started with; the proxy forwards to
-whichever ``StageHost`` owns the executor now (none while parked). The key is
-everything the executor was built from (function ids, kinds, fork, timeout,
-retries, stage name, worker count), so a reused executor is indistinguishable from a
-new one, except that its worker processes are warm, and keep any module-level state
-the functions built, as a long-lived worker pool does.
+whichever ``StageHost`` owns the executor now (none while parked). The key is the
+client's identity (its CURVE key) and everything the executor was built from
+(function ids, kinds, fork, timeout, retries, stage name, worker count), so a reused
+executor is indistinguishable from a new one, except that its worker processes are
+warm, and keep any module-level state the functions built, as a long-lived worker
+pool does: that state is never shared between clients.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,10 @@ SNDHWM = 100_000
 #: WARNING (only counted), so a fuzzer or a broken client cannot flood the log.
 LOG_FIRST = 10
 
+
+#: How many ended sessions' routing ids are remembered, to tell their late messages
+#: (routine after a partition) from a stranger's (a security event).
+ENDED_SESSIONS_KEPT = 4096
 
 #: serve()'s status when one of the agent's own tasks (the socket reader, the ticker, the
 #: monitor) stopped for a reason nobody handled (EX_SOFTWARE): a supervisor restarts it.
@@ -130,6 +135,7 @@ class Agent:
             "malformed": 0,
             "handler_errors": 0,
             "unhelloed": 0,
+            "stale": 0,
             "refused": 0,
             "version_mismatch": 0,
             "wrong_user": 0,
@@ -139,6 +145,8 @@ class Agent:
             "tasks": 0,
         }
         self._logged: dict[str, int] = {}
+        #: Routing ids of recently ended sessions (bounded): their late traffic is "stale".
+        self._ended: OrderedDict[bytes, None] = OrderedDict()
         self._closing: set[asyncio.Task[Any]] = set()
         self._progress: asyncio.Event | None = None
         self._stop: asyncio.Future[int] | None = None
@@ -340,6 +348,10 @@ class Agent:
     def _close_session(self, s: Session, why: str) -> None:
         if self.sessions.get(s.rid) is s:
             del self.sessions[s.rid]
+        self._ended[s.rid] = None
+        self._ended.move_to_end(s.rid)
+        while len(self._ended) > ENDED_SESSIONS_KEPT:
+            self._ended.popitem(last=False)
         log.info("session %s (%s) closed: %s", s.name, s.peer, why)
         t = asyncio.get_running_loop().create_task(s.aclose(), name=f"pypline-agent-close-{s.name}")
         self._closing.add(t)
@@ -429,7 +441,14 @@ class Agent:
                 return
             s = self.sessions.get(rid)
             if s is None:
-                self._drop("unhelloed", rid, f"{t} before HELLO")
+                if rid in self._ended or self.config.keys is not None:
+                    # A client whose session ended here (expired in a partition, closed by
+                    # a repeated HELLO, lost in a restart of this agent: with keys, the peer
+                    # passed authentication) still talking: routine, not a security event.
+                    self.counters["stale"] += 1
+                    log.debug("message %s from %s for a session that has ended", t, rid.hex()[:8])
+                else:
+                    self._drop("unhelloed", rid, f"{t} before HELLO")
                 if t in (P.TASKS, P.PING, P.STAGE, P.FUNC):
                     self._reply(rid, P.header(P.ERROR, code=P.E_NO_SESSION, message="no session: send HELLO first"))
                 return

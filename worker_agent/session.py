@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pypline.agent")
 
+#: Bounds of a session's time-to-live (the client proposes twice its heartbeat timeout).
+MIN_TTL_S = 1.0
+MAX_TTL_S = 300.0
+
 #: Unacknowledged yielded values per stage before a generator waits. Enough to keep
 #: the pipe full across a round trip of small values; bounds memory on both sides.
 EMIT_WINDOW = 1024
@@ -175,16 +179,22 @@ class StageHost(OutcomeSink):
     # --- the executor's reports (OutcomeSink) ------------------------------------------------
 
     def _terminal(self, a: Attempt) -> bool:
-        if self.running.pop(a.tid, None) is None:  # type: ignore[attr-defined]
-            return False  # reported already, or handed back as lost
+        """Take ``a`` out of ``running``; False if it is not ours (any more).
+
+        By identity, not only by task id: an executor taken over from an earlier session of
+        the same client (a repeated HELLO) may still report that session's tasks, whose ids
+        the new session can use again."""
+        tid = a.tid  # type: ignore[attr-defined]
+        if self.running.get(tid) is not a:
+            return False  # reported already, handed back as lost, or an earlier session's
+        del self.running[tid]
         self.completed += 1
         return True
 
     def ok(self, attempt: Attempt, value: Any) -> None:
+        if not self._terminal(attempt):
+            return
         tid = attempt.tid  # type: ignore[attr-defined]
-        if self.running.pop(tid, None) is None:
-            return  # reported already, or handed back as lost
-        self.completed += 1
         out = self.out
         before = out.nbytes
         if not out.add(tid, P.S_OK, -1, value):
@@ -229,7 +239,7 @@ class StageHost(OutcomeSink):
 
     async def emit(self, attempt: Attempt, value: Any) -> None:
         t: Task = attempt  # type: ignore[assignment]
-        if t.tid not in self.running or self.closed:
+        if self.running.get(t.tid) is not t or self.closed:
             return
         if not self.out.add(t.tid, P.S_EMIT, -1, value):
             exc = self.out.failure
@@ -292,10 +302,18 @@ class StageHost(OutcomeSink):
         self.session.send(P.header(P.RESULTS, len(frames), sid=self.sid, n=n, win=w), *frames)
 
     async def aclose(self) -> None:
-        """Park the executor for reuse if it is idle and healthy, else close it (and its workers)."""
+        """Park the executor for the next identical stage of the same client unless the agent
+        is draining, else close it (and its workers).
+
+        A busy executor is parked too: what it still runs belonged to a session its client
+        gave up on (it said HELLO again after a partition or a stall, or went away), and
+        those reports go nowhere; its slots come back as the calls end. So a client's
+        repeated HELLO never costs worker processes."""
         self.closed = True
         self.ack_emits(self.emits_unacked)
-        if self.started and not self.running and not self.queue and not self.agent.draining:
+        self.queue.clear()
+        self.running.clear()
+        if self.started and not self.agent.draining:
             self.agent.park(self.key, self.ex, self.proxy)
             return
         self.proxy.target = None
@@ -319,8 +337,9 @@ class Session:
         self.last_seen = self.started
         hb = float(hello["hb"])
         #: Silence after which the session is dropped: twice the client's own heartbeat
-        #: timeout (it pings several times per timeout), and never under a second.
-        self.ttl = max(2.0 * hb, 1.0)
+        #: timeout (it pings several times per timeout), between MIN_TTL_S and MAX_TTL_S
+        #: whatever the client asks (a session must not be immortal).
+        self.ttl = min(max(2.0 * hb, MIN_TTL_S), MAX_TTL_S)
         self.stages: dict[int, StageHost] = {}
         self.closed = False
 
@@ -338,6 +357,7 @@ class Session:
             "peer": self.peer,
             "user": self.user,
             "age_s": round(now - self.started, 1),
+            "ttl_s": self.ttl,
             "idle_s": round(now - self.last_seen, 1),
             "stages": [h.statistics() for h in self.stages.values()],
         }
@@ -351,9 +371,13 @@ class Session:
         await asyncio.gather(*(h.aclose() for h in hosts))
 
 
-def stage_key(h: dict[str, Any], spec: StageSpec) -> Hashable:
-    """What makes two STAGE declarations interchangeable executors (see ``pool.py``)."""
-    return (tuple(h["fns"]), tuple(h["kinds"]), h["fork"], h["timeout"], h["retries"], h["name"], spec.num_workers)
+def stage_key(h: dict[str, Any], spec: StageSpec, user: str | None) -> Hashable:
+    """What makes two STAGE declarations interchangeable executors (see ``pool.py``).
+
+    The client's identity (its CURVE public key; ``None`` without keys) is part of it:
+    warm worker processes keep whatever module-level state one client's functions built,
+    so they are never handed to another client."""
+    return (user, tuple(h["fns"]), tuple(h["kinds"]), h["fork"], h["timeout"], h["retries"], h["name"], spec.num_workers)
 
 
 def build_spec(h: dict[str, Any], fns: list[Callable[..., Any]], agent_workers: int) -> StageSpec:

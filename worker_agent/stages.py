@@ -105,7 +105,7 @@ class StageStarter:
             s.send(P.header(P.ERROR, code=P.E_STAGE, message=msg, sid=sid))
             return
         spec = build_spec(h, fns, self.agent.config.workers)
-        key = stage_key(h, spec)
+        key = stage_key(h, spec, s.user)
         warm = self.pool.take(key)
         if warm is not None:
             ex, proxy = warm
