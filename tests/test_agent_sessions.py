@@ -130,3 +130,36 @@ def test_warm_executors_are_keyed_by_client_identity() -> None:
     spec = build_spec(h, [abs], 2)
     assert stage_key(h, spec, "client-one") != stage_key(h, spec, "client-two")
     assert stage_key(h, spec, "client-one") == stage_key(dict(h), spec, "client-one")
+
+
+def die_on_zero(x: int) -> int:
+    if x == 0:
+        import os
+
+        os._exit(3)
+    return x
+
+
+def test_a_worker_crash_leaves_no_spare_process(agents: Any) -> None:
+    """After a worker process dies and is replaced, the agent has as many worker processes as
+    before (none lingers for the agent's life)."""
+    a = agents(workers=1)
+    sock = _client(a.endpoint)
+    try:
+        fn = cloudpickle.dumps(die_on_zero, protocol=5)
+        fid = P.fn_id(fn)
+        sock.send_multipart([P.header(P.FUNC, 1, fn=fid), fn])
+        sock.send_multipart([P.header(P.STAGE, sid=1, name="d", kinds=["sync"], fns=[fid], fork=False,
+                                      timeout=None, retries=1, buffer=2)])
+        _recv(sock, P.STAGE_OK)
+        before = _workers(a)
+        _send_tasks(sock, [0])
+        _recv(sock, P.RESULTS)  # WorkerDied for that task
+        _send_tasks(sock, [5], first_tid=2)
+        _recv(sock, P.RESULTS)
+        deadline = time.monotonic() + 5
+        while len(_workers(a)) != len(before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_workers(a)) == len(before)
+    finally:
+        sock.close(0)

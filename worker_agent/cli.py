@@ -131,6 +131,15 @@ def main() -> None:
     help="Largest message accepted (MiB); a peer sending more is disconnected.",
 )
 @click.option(
+    "--max-memory",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    metavar="MIB",
+    help="Memory budget for received tasks (MiB), all clients together: the credit the agent grants "
+    "keeps the items it holds under it (give or take one per stage).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
@@ -161,6 +170,7 @@ def serve(
     drain_timeout: float,
     backend: str,
     max_message: int,
+    max_memory: int,
     log_level: str,
     log_format: str,
     metrics_addr: str | None,
@@ -202,6 +212,7 @@ def serve(
         drain_timeout=drain_timeout,
         backend=backend,
         max_msg=max_message * 1024 * 1024,
+        max_memory=max_memory * 1024 * 1024,
         metrics=metrics,
     )
     try:
@@ -327,7 +338,8 @@ def status(endpoint: str, keys_dir: str | None, timeout: float, as_json: bool) -
         f"{'CURVE' if st['secure'] else 'no authentication'}{', DRAINING' if st['draining'] else ''}"
     )
     click.echo(
-        f"  workers {st['workers']}, free {st['free']}, sessions {len(st['sessions'])}, "
+        f"  workers {st['workers']}, free {st['free']}, tasks held {st.get('held_bytes', 0) / 2**20:.1f} MiB "
+        f"of {st.get('max_memory', 0) / 2**20:.0f} MiB, sessions {len(st['sessions'])}, "
         f"warm executors {st.get('warm_executors', 0)} (reused {st.get('warm_reused', 0)} times)"
     )
     c = st["counters"]

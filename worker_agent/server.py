@@ -69,6 +69,9 @@ SNDHWM = 100_000
 LOG_FIRST = 10
 
 
+#: Default of ``serve --max-memory``: bytes of received tasks the agent holds at once.
+DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
+
 #: How many ended sessions' routing ids are remembered, to tell their late messages
 #: (routine after a partition) from a stranger's (a security event).
 ENDED_SESSIONS_KEPT = 4096
@@ -91,6 +94,7 @@ class AgentConfig:
     drain_timeout: float = 30.0
     backend: str = "process"
     max_msg: int = P.DEFAULT_MAX_MSG
+    max_memory: int = DEFAULT_MAX_MEMORY  # bytes of tasks held, all sessions together (session.py)
     metrics: tuple[str, int] | None = None  # (host, port) for GET /metrics (metrics.py); None: off
 
 
@@ -129,6 +133,7 @@ class Agent:
         #: memory); others get a bytes/bytearray copy.
         self._raw: Callable[[Any, bool], Any] | None = _raw_values() if self.backend_name == "process" else None
         self.sessions: dict[bytes, Session] = {}
+        self.held_bytes = 0  # wire bytes of every task queued or running here (the memory budget)
         self.stages = StageStarter(self)
         self.draining = False
         self.counters: dict[str, int] = {
@@ -535,6 +540,7 @@ class Agent:
         index = P.Index.parse(body[1].buffer, n, len(body) - 3, results=False)
         values = P.decode_values(index, body[1:], self._raw)
         self.counters["tasks"] += n
+        per_task = sum(len(f) for f in body[2:]) // n + 1
         tasks: list[Task] = []
         nw = host.spec.num_workers
         for tid, number, w, v in zip(index.tid, index.a, index.w, values):
@@ -545,7 +551,7 @@ class Agent:
                 )
                 host.fail_now(tid, err)
                 continue
-            tasks.append(Task(v, w if 0 <= w < nw else None, number, tid))
+            tasks.append(Task(v, w if 0 <= w < nw else None, number, tid, per_task))
         if tasks:
             host.accept(tasks)
 
@@ -633,6 +639,8 @@ class Agent:
             "secure": self.config.keys is not None,
             "draining": self.draining,
             "free": self.free_capacity(),
+            "held_bytes": self.held_bytes,
+            "max_memory": self.config.max_memory,
             "warm_executors": len(self.stages.pool),
             "warm_reused": self.stages.pool.reused,
             "versions": P.local_versions(),

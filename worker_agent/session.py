@@ -16,11 +16,19 @@ handling (``WorkerDied``), ``timeout`` kills and ``current_worker()`` come from 
 ``process`` backend unchanged; the host is the executor's ``OutcomeSink`` and turns
 its reports into RESULTS entries.
 
-**Credit window.** A stage's window is how many of its tasks the client may have at
-this agent (sent, not yet answered): the executor's slots (``capacity() +`` those it
-holds) plus as many again, at least ``2 x workers``, as prefetch so a batch is in
-transit while the previous one is computed. The process backend grows its slots
-for fast calls, so the window follows. Every RESULTS carries the current window;
+**Credit window: work goes where a worker is free.** A stage's window is how many of
+its tasks the client may have at this agent (sent, not yet answered). The host keeps
+at most ``workers x depth`` of them in the executor, where ``depth`` is how many calls
+cover ``TARGET_QUEUE_S`` of work at the measured time per call (1 for calls of
+``TARGET_QUEUE_S`` or more, and until a call has been timed; up to ``MAX_DEPTH`` for
+microsecond calls, so they travel in batches); the rest waits in the host's queue,
+from which a drain hands it back at once. The window is that plus a prefetch: three
+times as much again for fast calls (batches in transit while one is computed; measured
+on W5), a single task for slow ones. So a client never parks a pile of slow items behind one agent's busy workers
+while another agent has free ones. The window is also capped by the agent's memory
+budget (``serve --max-memory``): the bytes of every task held, across all sessions,
+stay under it, give or take one task per stage (a stage holding nothing may always
+take one, so every stage makes progress). Every RESULTS carries the current window;
 ``CREDIT`` announces one that grew without results. Draining makes it 0.
 
 **Emits** (generator stages) are flow-controlled separately: at most
@@ -48,6 +56,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pypline.agent")
 
+#: Work an executor holds per worker: calls covering this many seconds (see "Credit window").
+TARGET_QUEUE_S = 0.02
+#: Most calls one worker's share of the executor holds (microsecond calls).
+MAX_DEPTH = 1024
+#: Weight of a new sample in the time-per-call average.
+SERVICE_EWMA = 0.2
+
 #: Bounds of a session's time-to-live (the client proposes twice its heartbeat timeout).
 MIN_TTL_S = 1.0
 MAX_TTL_S = 300.0
@@ -58,16 +73,20 @@ EMIT_WINDOW = 1024
 
 
 class Task(Attempt):
-    """An attempt received from a client; ``tid`` is the client's task id."""
+    """An attempt received from a client; ``tid`` is the client's task id, ``nbytes`` what
+    its item took on the wire (counted against the agent's memory budget)."""
 
-    __slots__ = ("tid",)
+    __slots__ = ("tid", "nbytes", "sent_at", "rounds")
 
-    def __init__(self, item: Any, worker: int | None, number: int, tid: int) -> None:
+    def __init__(self, item: Any, worker: int | None, number: int, tid: int, nbytes: int = 0) -> None:
         self.item = item
         self.worker = worker
         self.number = number
         self.lost = 0
         self.tid = tid
+        self.nbytes = nbytes
+        self.sent_at = 0.0  # when handed to the executor
+        self.rounds = 1  # calls per worker it had to wait for, itself included
 
 
 def _never_merge(results: list[Any]) -> Any:  # pragma: no cover - merging happens at the client
@@ -97,29 +116,50 @@ class StageHost(OutcomeSink):
         self.last_window = 0
         self.emits_unacked = 0
         self.emit_waiters: list[asyncio.Future[None]] = []
-        self.min_prefetch = 2 * spec.num_workers
         self.received = 0
         self.completed = 0
+        self.service: float | None = proxy.service  # measured seconds per call (EWMA); a warm executor's last
+        self.held_bytes = 0  # wire bytes of the tasks queued and running here
+        self.task_bytes = 0  # the largest task received so far (bytes on the wire)
 
     # --- the window ------------------------------------------------------------------------
+
+    def depth(self) -> int:
+        """Calls per worker the executor holds: ``TARGET_QUEUE_S`` of work, at least one."""
+        if self.service is None or self.service >= TARGET_QUEUE_S:
+            return 1
+        return min(MAX_DEPTH, int(TARGET_QUEUE_S / max(self.service, 1e-7)))
 
     def window(self) -> int:
         if self.closed or not self.started or self.agent.draining:
             return 0
-        slots = self.ex.capacity() + len(self.running)
-        return slots + max(slots, self.min_prefetch)
+        depth = self.depth()
+        in_executor = self.spec.num_workers * depth
+        window = in_executor + (3 * in_executor if depth > 1 else 1)
+        held = len(self.queue) + len(self.running)
+        if self.task_bytes:
+            room = max(0, self.agent.config.max_memory - self.agent.held_bytes) // self.task_bytes
+            window = min(window, held + room)
+        return max(window, 1 if not held else 0)
 
     def statistics(self) -> dict[str, Any]:
+        workers = self.spec.num_workers
         return {
             "sid": self.sid,
             "name": self.spec.name,
-            "workers": self.spec.num_workers,
+            "workers": workers,
             "window": self.window(),
-            "running": len(self.running),
-            "queued": len(self.queue),
+            "running": min(len(self.running), workers),
+            "queued": len(self.queue) + max(0, len(self.running) - workers),
+            "held_bytes": self.held_bytes,
+            "seconds_per_call": self.service,
             "received": self.received,
             "completed": self.completed,
         }
+
+    def _hold(self, nbytes: int) -> None:
+        self.held_bytes += nbytes
+        self.agent.held_bytes += nbytes
 
     # --- tasks in ------------------------------------------------------------------------------
 
@@ -130,6 +170,8 @@ class StageHost(OutcomeSink):
                 self.out.add_none(t.tid, P.S_LOST)
             self._schedule_flush()
             return
+        self._hold(sum(t.nbytes for t in tasks))
+        self.task_bytes = max(self.task_bytes, max(t.nbytes for t in tasks))
         self.queue.extend(tasks)
         self.pump()
 
@@ -141,19 +183,24 @@ class StageHost(OutcomeSink):
         self._schedule_flush()
 
     def pump(self) -> None:
-        """Move queued tasks into the executor as far as its capacity allows."""
+        """Move queued tasks into the executor, up to ``workers x depth`` there in all."""
         if self.closed or not self.started:
             return
         q = self.queue
         if not q:
             return
-        cap = self.ex.capacity()
+        workers = self.spec.num_workers
+        running = self.running
+        cap = min(self.ex.capacity(), workers * self.depth() - len(running))
         if cap <= 0:
             return
         k = min(cap, len(q))
         batch = [q.popleft() for _ in range(k)]
-        running = self.running
-        for t in batch:
+        now = time.monotonic()
+        ahead = len(running)
+        for i, t in enumerate(batch):
+            t.sent_at = now
+            t.rounds = (ahead + i) // workers + 1
             running[t.tid] = t
         self.ex.submit(batch)
 
@@ -161,7 +208,9 @@ class StageHost(OutcomeSink):
         """Hand every task not yet started back to the client as lost (draining)."""
         n = len(self.queue)
         while self.queue:
-            self.out.add_none(self.queue.popleft().tid, P.S_LOST)
+            t = self.queue.popleft()
+            self._hold(-t.nbytes)
+            self.out.add_none(t.tid, P.S_LOST)
         if n:
             self._schedule_flush()
         return n
@@ -169,7 +218,8 @@ class StageHost(OutcomeSink):
     def abandon_running(self) -> int:
         """Report what the executor still runs as lost (drain deadline); later reports are ignored."""
         n = len(self.running)
-        for tid in self.running:
+        for tid, t in self.running.items():
+            self._hold(-t.nbytes)
             self.out.add_none(tid, P.S_LOST)
         self.running.clear()
         if n:
@@ -189,6 +239,10 @@ class StageHost(OutcomeSink):
             return False  # reported already, handed back as lost, or an earlier session's
         del self.running[tid]
         self.completed += 1
+        t: Task = a  # type: ignore[assignment]
+        self._hold(-t.nbytes)
+        per_call = (time.monotonic() - t.sent_at) / t.rounds
+        self.service = per_call if self.service is None else self.service + SERVICE_EWMA * (per_call - self.service)
         return True
 
     def ok(self, attempt: Attempt, value: Any) -> None:
@@ -311,6 +365,8 @@ class StageHost(OutcomeSink):
         repeated HELLO never costs worker processes."""
         self.closed = True
         self.ack_emits(self.emits_unacked)
+        self._hold(-self.held_bytes)
+        self.proxy.service = self.service
         self.queue.clear()
         self.running.clear()
         if self.started and not self.agent.draining:

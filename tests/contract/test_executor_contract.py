@@ -311,7 +311,7 @@ def test_sync_functions_and_capacity_restored(backend_factory: Callable[[], Back
             assert ex.capacity() == 0
             await sink.wait_reports(attempts)
             assert [sink.terminal[id(a)] for a in attempts] == [[("ok", a.item * 2)] for a in attempts]
-            assert ex.capacity() == full
+            assert ex.capacity() >= full  # back, at least (an agent may grant more once it has timed calls)
         finally:
             await stop(backend, ex)
 
@@ -529,7 +529,7 @@ def test_reports_may_submit_and_flush_from_inside(backend_factory: Callable[[], 
                 await sink.wait_reports(list(sink.made))
             await sink.wait_reports(sink.made)
             assert [sink.terminal[id(a)] for a in sink.made] == [[("ok", x + 1)] for x in range(sink.total)]
-            assert ex.capacity() == full
+            assert ex.capacity() >= full  # back, at least (an agent may grant more once it has timed calls)
         finally:
             await stop(backend, ex)
 
