@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -48,7 +49,7 @@ from pypline.backends.wire import protocol as P
 from .metrics import MetricsServer
 from .pool import SinkProxy
 from .security import ServerKeys, client_key_provider, is_local_endpoint
-from .session import Session, Task
+from .session import Session, StageHost, Task
 from pypline.backends.wire.sockets import recv_now, send_now
 from .stages import StageStarter
 
@@ -72,6 +73,10 @@ LOG_FIRST = 10
 #: Default of ``serve --max-memory``: bytes of received tasks the agent holds at once.
 DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
 
+#: Longest an item batch (or a stage's functions) may take to unpickle, in a thread,
+#: before its items fail (or the stage fails to start) with TimeoutError.
+DECODE_DEADLINE_S = 30.0
+
 #: How many ended sessions' routing ids are remembered, to tell their late messages
 #: (routine after a partition) from a stranger's (a security event).
 ENDED_SESSIONS_KEPT = 4096
@@ -79,6 +84,33 @@ ENDED_SESSIONS_KEPT = 4096
 #: serve()'s status when one of the agent's own tasks (the socket reader, the ticker, the
 #: monitor) stopped for a reason nobody handled (EX_SOFTWARE): a supervisor restarts it.
 EXIT_INTERNAL = 70
+
+
+def off_loop(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """``fn(*args)`` in a daemon thread of its own; a future of its result on this loop.
+
+    For unpickling a client's payload: however long it takes (a slow import, a slow
+    ``__reduce__``), the loop keeps serving every session, and a call that never ends
+    cannot hold up the agent's exit (no pool joins the thread)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            (fut.set_result if ok else fut.set_exception)(value)
+
+    def run() -> None:
+        try:
+            result = (True, fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop as the future's exception
+            result = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *result)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="pypline-agent-unpickle", daemon=True).start()
+    return fut
 
 
 class ConfigError(Exception):
@@ -538,9 +570,34 @@ class Agent:
             raise P.ProtocolError(f"TASKS for stage {h['sid']} which is not running here")
         n = h["n"]
         index = P.Index.parse(body[1].buffer, n, len(body) - 3, results=False)
-        values = P.decode_values(index, body[1:], self._raw)
         self.counters["tasks"] += n
         per_task = sum(len(f) for f in body[2:]) // n + 1
+        if P.ENC_BLOB not in index.enc:  # builtins and raw bytes only: nothing slow to unpickle
+            self._accept(host, index, P.decode_values(index, body[1:], self._raw), per_task)
+            return
+        # Arbitrary objects: unpickled in a thread, so that a slow import or __reduce__ in one
+        # client's items never stops this loop (every session's heartbeats), with a deadline.
+        self.spawn(self._decode_off_loop(host, index, body, per_task), f"pypline-agent-decode-{s.name}")
+
+    async def _decode_off_loop(self, host: StageHost, index: P.Index, body: list[Any], per_task: int) -> None:
+        job = off_loop(P.decode_values, index, body[1:], self._raw)
+        try:
+            values = await asyncio.wait_for(job, DECODE_DEADLINE_S)
+        except asyncio.TimeoutError:
+            err = TimeoutError(
+                f"items of stage {host.spec.name!r} took more than {DECODE_DEADLINE_S:g} s to unpickle on agent "
+                f"{self.hostname}; they are failed (the unpickling goes on in a thread until it ends)"
+            )
+            log.warning("session %s: %s", host.session.name, err)
+            for tid in index.tid:
+                host.fail_now(tid, err)
+            return
+        except P.ProtocolError as exc:
+            self._drop("malformed", host.session.rid, str(exc))
+            return
+        self._accept(host, index, values, per_task)
+
+    def _accept(self, host: StageHost, index: P.Index, values: list[Any], per_task: int) -> None:
         tasks: list[Task] = []
         nw = host.spec.num_workers
         for tid, number, w, v in zip(index.tid, index.a, index.w, values):

@@ -78,20 +78,35 @@ class StageStarter:
             self.agent.spawn(old.aclose(), f"pypline-agent-close-stage-{sid}")
         self.agent.spawn(self._start(s, h), f"pypline-agent-stage-{sid}")
 
-    def _load_fn(self, fid: str) -> Any:
-        fn = self.loaded.get(fid)
-        if fn is None:
+    async def _load_fns(self, fids: list[str]) -> list[Any]:
+        """The stage's functions, unpickled in a thread (a slow import must not stop the loop),
+        within DECODE_DEADLINE_S; cached by id."""
+        from .server import DECODE_DEADLINE_S, off_loop
+
+        missing = sorted({f for f in fids if f not in self.loaded})
+        if missing:
             import cloudpickle  # type: ignore[import-untyped]
 
-            fn = cloudpickle.loads(self.fns[fid])
-            self.loaded[fid] = fn
-        return fn
+            blobs = [self.fns[f] for f in missing]
+            try:
+                loaded = await asyncio.wait_for(off_loop(lambda: [cloudpickle.loads(b) for b in blobs]), DECODE_DEADLINE_S)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"unpickling took more than {DECODE_DEADLINE_S:g} s") from None
+            for f, fn in zip(missing, loaded):
+                if f in self.fns:  # not evicted meanwhile
+                    self.loaded[f] = fn
+            by_id = dict(zip(missing, loaded))
+        else:
+            by_id = {}
+        return [by_id[f] if f in by_id else self.loaded[f] for f in fids]
 
     async def _start(self, s: Session, h: dict[str, Any]) -> None:
         sid, name = h["sid"], h["name"]
         try:
-            fns = [self._load_fn(f) for f in h["fns"]]
+            fns = await self._load_fns(h["fns"])
         except BaseException as exc:  # noqa: BLE001 - e.g. ModuleNotFoundError: the agent's environment
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             msg = (
                 f"the function of stage {name!r} could not be loaded on agent {self.agent.hostname} "
                 f"({P.describe_versions(P.local_versions())}): {type(exc).__name__}: {exc}"
