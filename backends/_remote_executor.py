@@ -2,7 +2,7 @@
 
 ::
 
-    submit([a, ...]) ─► the agent with the most free credit (window - in flight there) takes each
+    submit([a, ...]) ─► the agent with the largest share of its credit free takes each
                         attempt: LinkStage.out[tid] = a, LinkStage.to_send; or the local fallback
     AgentLink.flush  ─► TASKS (one message per stage per agent per loop tick)
     on_results       ◄─ RESULTS: first result per task id wins; the window is updated;
@@ -256,14 +256,19 @@ class RemoteExecutor(Executor):
                     link.schedule_flush()
                 return
         frees = [ls.window - len(ls.out) for ls in cands]
+        windows = [max(1, ls.window) for ls in cands]
         local: list[Attempt] = []
         tids = self.backend.tids
         touched: set[AgentLink] = set()
         for a in attempts:
-            best, most = -1, 0
-            for i, f in enumerate(frees):  # the agent with the most free credit
-                if f > most:
-                    best, most = i, f
+            # The agent with the largest share of its credit free (the idlest one: an agent
+            # grants credit for its free workers), the most free credit among equals.
+            best, share, most = -1, 0.0, 0
+            for i, f in enumerate(frees):
+                if f > 0:
+                    r = f / windows[i]
+                    if r > share or (r == share and f > most):
+                        best, share, most = i, r, f
             if best < 0:
                 local.append(a)
                 continue
