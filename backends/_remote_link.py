@@ -126,24 +126,65 @@ class AgentLink:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         sock.setsockopt(zmq.HEARTBEAT_TTL, 6000)
+        monitor = None
         if self.keys is not None:
+            from .wire.keys import KeyError_
+
+            try:
+                sock.curve_serverkey = self.keys.server_key(self.endpoint)
+            except KeyError_ as exc:
+                sock.close(linger=0)
+                self._fail(str(exc))
+                return
             sock.curve_secretkey = self.keys.secret
             sock.curve_publickey = self.keys.public
-            sock.curve_serverkey = self.keys.server
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            )
         sock.connect(self.endpoint)
         self.sock = sock
         self.started_at = time.monotonic()
         self._hello()
         self.tasks.append(loop.create_task(self._reader(sock), name=f"pypline-zmq-reader-{self.where}"))
         self.tasks.append(loop.create_task(self._ticker(), name=f"pypline-zmq-ticker-{self.where}"))
+        if monitor is not None:
+            self.tasks.append(loop.create_task(self._watch_handshakes(monitor), name=f"pypline-zmq-keys-{self.where}"))
         for t in self.tasks:
             t.add_done_callback(self._task_ended)
+
+    def _fail(self, why: str) -> None:
+        """This agent cannot be used in this run (a key problem): say why, at once."""
+        self.die(why)
+        self.state = FAILED
+        self.error = f"agent {self.where}: {why}"
+        log.error("%s", self.error)
+        self.resolved.set()
+        self.backend.link_changed(self)
+
+    async def _watch_handshakes(self, monitor: zmq.asyncio.Socket) -> None:
+        """A failed CURVE handshake is reported as what it is (our key refused, or the agent's
+        key not the pinned one), not as an agent that does not answer."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        from .wire.keys import handshake_failure
+
+        assert self.keys is not None
+        try:
+            while True:
+                ev = parse_monitor_message(await monitor.recv_multipart())
+                why = handshake_failure(int(ev["event"]), self.keys.directory, self.endpoint)
+                if why is not None and self.state != FAILED:
+                    self._fail(why)
+        finally:
+            monitor.close(linger=0)
 
     def _task_ended(self, task: asyncio.Task[Any]) -> None:
         """The reader and the ticker live as long as the link: one that ends early means this
         agent can no longer be heard (or timed), so the link fails for good, loudly, and what
         was in flight there goes elsewhere instead of waiting forever."""
-        if task.cancelled() or self.state == CLOSED:
+        if task.cancelled() or self.state in (CLOSED, FAILED):
             return
         exc = task.exception()
         why = f"{task.get_name()} stopped ({type(exc).__name__}: {exc})" if exc else f"{task.get_name()} stopped"
@@ -165,6 +206,8 @@ class AgentLink:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks = []
         if self.sock is not None:
+            if self.keys is not None:
+                self.sock.disable_monitor()
             self.sock.close(linger=0)
             self.sock = None
 

@@ -329,7 +329,9 @@ def test_cli_ping_status_and_keygen(shared_agent: Any, tmp_path: Any, free_endpo
         "agent.key_secret",
         "client.key",
         "client.key_secret",
+        "clients",  # the client on this host is admitted: clients/local.key
     ]
+    assert (keys / "clients" / "local.key").read_bytes() == (keys / "client.key").read_bytes()
     assert (keys / "client.key_secret").stat().st_mode & 0o077 == 0
     r = runner.invoke(main, ["keygen", str(keys)])
     assert r.exit_code == 3 and "--force" in r.output

@@ -191,8 +191,10 @@ def test_keygen_layout_and_loading(tmp_path: Any) -> None:
     keygen(d)
     sk = load_server_keys(d)
     ck = load_client_keys(d)
-    assert ck.server == sk.public and ck.public in sk.clients and sk.public not in sk.clients
+    clients = sk.clients.current()
+    assert ck.server_key("tcp://127.0.0.1:5555") == sk.public and ck.public in clients and sk.public not in clients
     (d / "client.key").unlink()
+    (d / "clients" / "local.key").unlink()
     with pytest.raises(KeyError_, match="no client public key"):
         load_server_keys(d)
     with pytest.raises(KeyError_, match="does not exist"):

@@ -85,7 +85,7 @@ def test_curve_agent_serves_a_keyed_client_and_refuses_others_before_unpickling(
     keygen(other_dir)
     shutil.copy(keys / "agent.key", other_dir / "agent.key")  # knows the agent's key, not authorised itself
     ok = load_client_keys(other_dir)
-    stranger = _raw_client(a.endpoint, (ok.secret, ok.public, ok.server))
+    stranger = _raw_client(a.endpoint, (ok.secret, ok.public, ok.server_key(a.endpoint)))
     try:
         for s in (plain, stranger):
             hello = P.header(P.HELLO, hb=1.0, hello=1, **P.local_versions())
@@ -148,6 +148,7 @@ def test_keys_dir_without_client_keys_is_refused(tmp_path: Path) -> None:
     """A key directory from which no client key loads is a start-up error (status 3), not an open door."""
     keys = _keys(tmp_path)
     (keys / "client.key").unlink()
+    (keys / "clients" / "local.key").unlink()
     r = subprocess.run(
         [sys.executable, "-m", "pypline.worker_agent", "serve", "--keys", str(keys)],
         capture_output=True,

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -243,13 +244,12 @@ def serve(
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace existing key files.")
 def keygen(directory: str, force: bool) -> None:
-    """Write an agent and a client CURVE key pair into DIRECTORY.
+    """Write an agent and a client key pair into DIRECTORY, the client admitted: for an agent
+    and its clients on ONE host. Across hosts, give each host its own pair: see `keys`.
 
     \b
     DIRECTORY/agent.key, agent.key_secret    used by `serve --keys DIRECTORY`
     DIRECTORY/client.key, client.key_secret  used by clients: configure(keys=DIRECTORY) or PYPLINE_KEYS
-    Copy the directory to every host (it holds secrets: keep it private, mode 0700).
-    More clients: add their public `NAME.key` files to the agent's directory.
     """
     from pypline.backends.wire.keys import KeyError_
     from pypline.backends.wire.keys import keygen as make
@@ -260,8 +260,89 @@ def keygen(directory: str, force: bool) -> None:
         raise _Exit(str(exc), EXIT_CONFIG) from None
     for p in written:
         click.echo(f"wrote {p}")
-    click.echo(f"start agents with: pypline-agent serve --keys {directory}")
-    click.echo(f"point clients at it with: PYPLINE_KEYS={directory}")
+    click.echo(f"start the agent with: pypline-agent serve --keys {directory}")
+    click.echo(f"point clients on this host at it with: PYPLINE_KEYS={directory}")
+
+
+@main.group()
+def keys() -> None:
+    """Key pairs per host: an agent admits the clients it lists, a client pins each agent's key.
+
+    \b
+    on each agent host:   pypline-agent keys agent /etc/pypline/keys
+    on each client host:  pypline-agent keys client ~/.pypline-keys
+    admit a client:       copy its client.key to the agent host, then
+                          pypline-agent keys allow /etc/pypline/keys client.key alice
+    revoke it:            pypline-agent keys revoke /etc/pypline/keys alice
+    trust an agent:       copy its agent.key to the client host, then
+                          pypline-agent keys trust ~/.pypline-keys tcp://host-a:5555 agent.key
+    Secret keys (*.key_secret) never leave the host they were made on.
+    """
+
+
+def _keys_call(fn: Callable[[], Any]) -> Any:
+    from pypline.backends.wire.keys import KeyError_
+
+    try:
+        return fn()
+    except KeyError_ as exc:
+        raise _Exit(str(exc), EXIT_CONFIG) from None
+
+
+@keys.command("agent")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing pair.")
+def keys_agent(directory: str, force: bool) -> None:
+    """Make this agent host's key pair in DIRECTORY (and an empty DIRECTORY/clients/)."""
+    from pypline.backends.wire.keys import AGENT_NAME, keygen_pair
+
+    for p in _keys_call(lambda: keygen_pair(directory, AGENT_NAME, force=force)):
+        click.echo(f"wrote {p}")
+    click.echo(f"give {directory}/agent.key (public) to the clients; admit them with: pypline-agent keys allow")
+
+
+@keys.command("client")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing pair.")
+def keys_client(directory: str, force: bool) -> None:
+    """Make this client host's key pair in DIRECTORY."""
+    from pypline.backends.wire.keys import CLIENT_NAME, keygen_pair
+
+    for p in _keys_call(lambda: keygen_pair(directory, CLIENT_NAME, force=force)):
+        click.echo(f"wrote {p}")
+    click.echo(f"give {directory}/client.key (public) to each agent's admin; pin agents with: pypline-agent keys trust")
+
+
+@keys.command("allow")
+@click.argument("agent_dir", type=click.Path(file_okay=False))
+@click.argument("client_key", type=click.Path(dir_okay=False))
+@click.argument("name")
+def keys_allow(agent_dir: str, client_key: str, name: str) -> None:
+    """Admit the client whose public key file is CLIENT_KEY, as NAME (a running agent sees it at once)."""
+    from pypline.backends.wire.keys import allow_client
+
+    click.echo(f"wrote {_keys_call(lambda: allow_client(agent_dir, client_key, name))}")
+
+
+@keys.command("revoke")
+@click.argument("agent_dir", type=click.Path(file_okay=False))
+@click.argument("name")
+def keys_revoke(agent_dir: str, name: str) -> None:
+    """Stop admitting client NAME: new connections are refused, and its sessions end at their next message."""
+    from pypline.backends.wire.keys import revoke_client
+
+    click.echo(f"removed {_keys_call(lambda: revoke_client(agent_dir, name))}")
+
+
+@keys.command("trust")
+@click.argument("client_dir", type=click.Path(file_okay=False))
+@click.argument("endpoint")
+@click.argument("agent_key", type=click.Path(dir_okay=False))
+def keys_trust(client_dir: str, endpoint: str, agent_key: str) -> None:
+    """Pin the agent at ENDPOINT to the public key in AGENT_KEY (known_agents); a changed key is refused."""
+    from pypline.backends.wire.keys import trust_agent
+
+    click.echo(f"pinned {endpoint} in {_keys_call(lambda: trust_agent(client_dir, endpoint, agent_key))}")
 
 
 def _probe(endpoint: str, keys_dir: str | None, timeout: float, detail: bool) -> Any:

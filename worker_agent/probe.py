@@ -63,17 +63,21 @@ async def probe(
         sock.linger = 0
         sock.routing_id = b"\x01" + uuid.uuid4().bytes[1:]
         sock.setsockopt(zmq.MAXMSGSIZE, P.DEFAULT_MAX_MSG)
+        monitor = None
         if keys is not None:
             k = load_client_keys(keys)
+            sock.curve_serverkey = k.server_key(endpoint)
             sock.curve_secretkey = k.secret
             sock.curve_publickey = k.public
-            sock.curve_serverkey = k.server
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            )
         sock.connect(endpoint)
         mine = P.local_versions()
         fields = {**mine, "hb": timeout, "hello": 1, "role": "cli"}
         t0 = time.perf_counter()
         await sock.send_multipart([P.header(P.HELLO, **fields)])
-        hello = await _expect(sock, (P.HELLO_OK, P.ERROR), timeout, endpoint)
+        hello = await _expect(sock, (P.HELLO_OK, P.ERROR), timeout, endpoint, monitor=monitor, keys=keys)
         if hello["t"] == P.ERROR:
             raise ProbeError(f"{endpoint} refused: {hello['message']}", unhealthy=True)
         problem = P.check_versions(mine, hello)
@@ -90,19 +94,44 @@ async def probe(
             pass
         return ProbeResult(endpoint, hello, pong, status, rtt)
     finally:
+        if monitor is not None:
+            sock.disable_monitor()
+            monitor.close(linger=0)
         sock.close(linger=0)
 
 
 async def _expect(
-    sock: zmq.asyncio.Socket, types: tuple[str, ...], timeout: float, endpoint: str, out: list[Any] | None = None
+    sock: zmq.asyncio.Socket,
+    types: tuple[str, ...],
+    timeout: float,
+    endpoint: str,
+    out: list[Any] | None = None,
+    *,
+    monitor: zmq.asyncio.Socket | None = None,
+    keys: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not await sock.poll(int(left * 1000) + 1):
-            raise ProbeError(
-                f"no answer from {endpoint} within {timeout:g} s (is an agent running there, and do the keys match?)"
-            )
+        if monitor is not None and left > 0:
+            poller = zmq.asyncio.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            ready = dict(await poller.poll(int(left * 1000) + 1))
+            if monitor in ready:
+                from zmq.utils.monitor import parse_monitor_message
+
+                from pypline.backends.wire.keys import handshake_failure
+
+                ev = parse_monitor_message(await monitor.recv_multipart())
+                why = handshake_failure(int(ev["event"]), str(keys), endpoint)
+                if why is not None:
+                    raise ProbeError(f"{endpoint}: {why}")
+                continue
+            if sock not in ready:
+                left = 0
+        if left <= 0 or (monitor is None and not await sock.poll(int(left * 1000) + 1)):
+            raise ProbeError(f"no answer from {endpoint} within {timeout:g} s (is an agent running there?)")
         frames = await sock.recv_multipart()
         try:
             h = P.parse_header(frames)

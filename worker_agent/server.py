@@ -48,7 +48,7 @@ from pypline.executor import Backend
 from pypline.backends.wire import protocol as P
 from .metrics import MetricsServer
 from .pool import SinkProxy
-from .security import ServerKeys, client_key_provider, is_local_endpoint
+from .security import ServerKeys, ZapServer, is_local_endpoint
 from .session import Session, StageHost, Task
 from pypline.backends.wire.sockets import recv_now, send_now
 from .stages import StageStarter
@@ -76,6 +76,9 @@ DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
 #: Longest an item batch (or a stage's functions) may take to unpickle, in a thread,
 #: before its items fail (or the stage fails to start) with TimeoutError.
 DECODE_DEADLINE_S = 30.0
+
+#: Refused connections logged per peer address before only every 1000th is.
+REFUSALS_LOGGED = 3
 
 #: How many ended sessions' routing ids are remembered, to tell their late messages
 #: (routine after a partition) from a stranger's (a security event).
@@ -184,6 +187,7 @@ class Agent:
         self._logged: dict[str, int] = {}
         #: Routing ids of recently ended sessions (bounded): their late traffic is "stale".
         self._ended: OrderedDict[bytes, None] = OrderedDict()
+        self._refusals: OrderedDict[str, int] = OrderedDict()  # refused connections per peer address
         self._closing: set[asyncio.Task[Any]] = set()
         self._progress: asyncio.Event | None = None
         self._stop: asyncio.Future[int] | None = None
@@ -220,11 +224,8 @@ class Agent:
             sock.setsockopt(zmq.HEARTBEAT_TTL, 6000)
             keys = self.config.keys
             if keys is not None:
-                from zmq.auth.thread import ThreadAuthenticator
-
-                auth = ThreadAuthenticator(ctx, log=logging.getLogger("pypline.agent.zap"))
+                auth = ZapServer(ctx, keys.clients, lambda peer, why: loop.call_soon_threadsafe(self._refused, peer, why))
                 auth.start()
-                auth.configure_curve_callback("pypline", credentials_provider=client_key_provider(keys))
                 sock.curve_secretkey = keys.secret
                 sock.curve_publickey = keys.public
                 sock.curve_server = True
@@ -271,7 +272,7 @@ class Agent:
                 self.endpoint,
                 self.config.workers,
                 self.backend_name,
-                f"CURVE keys ({len(keys.clients)} client keys)" if keys else "no authentication",
+                f"CURVE keys ({len(keys.clients.current())} client keys)" if keys else "no authentication",
                 self.instance,
             )
             if self.metrics is not None:
@@ -443,6 +444,22 @@ class Agent:
                 "%s%s", message, f" (#{n}; further ones are counted, logged every 1000th)" if n == LOG_FIRST else ""
             )
 
+    def _refused(self, peer: str, why: str) -> None:
+        """A connection whose key was refused (from the ZAP thread): counted; logged with the
+        peer's address, the first REFUSALS_LOGGED per peer and then every 1000th."""
+        self.counters["refused"] += 1
+        n = self._refusals.pop(peer, 0) + 1
+        self._refusals[peer] = n  # most recent last
+        while len(self._refusals) > ENDED_SESSIONS_KEPT:
+            self._refusals.popitem(last=False)
+        if n <= REFUSALS_LOGGED or n % 1000 == 0:
+            log.warning(
+                "refused a connection from %s: %s%s",
+                peer,
+                why,
+                f" (#{n} from this peer; further ones are counted, logged every 1000th)" if n == REFUSALS_LOGGED else "",
+            )
+
     def _drop(self, kind: str, rid: bytes, why: str) -> None:
         self.counters[kind] += 1
         self._warn(kind, f"dropped a message from {rid.hex()[:8]}: {why}")
@@ -492,6 +509,11 @@ class Agent:
             if self.config.keys is not None and _user(body[0]) != s.user:
                 self._drop("wrong_user", rid, "message from another CURVE key than the session's")
                 return
+            if self.config.keys is not None and not self.config.keys.clients.admits(s.user):
+                s.closed = True
+                self._close_session(s, "its client key was revoked")
+                self._refused(s.peer, f"the key of session {s.name} was revoked")
+                return
             s.last_seen = time.monotonic()
             if t == P.TASKS:
                 self._on_tasks(s, h, body)
@@ -527,6 +549,9 @@ class Agent:
             self._reply(rid, P.header(P.ERROR, code=P.E_DRAINING, message="agent is draining", hello=h["hello"]))
             return
         user = _user(body[0]) if self.config.keys is not None else None
+        if self.config.keys is not None and not self.config.keys.clients.admits(user):
+            self._refused(_peer(body[0]), "HELLO with a revoked key")
+            return
         old = self.sessions.get(rid)
         if old is not None and old.user != user:
             self._drop("wrong_user", rid, "HELLO for a session that belongs to another CURVE key")
@@ -656,10 +681,11 @@ class Agent:
     async def _monitor(self, monitor: zmq.asyncio.Socket) -> None:
         from zmq.utils.monitor import parse_monitor_message
 
+        # Refused keys are reported by the ZAP handler, with the peer's address (_refused);
+        # these are handshakes that failed before it was asked (libzmq gives no peer address).
         refusals: dict[int, str] = {
             zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (protocol or security mechanism mismatch)",
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed (unknown CURVE key)",
         }
         while True:
             msg = await monitor.recv_multipart()

@@ -239,7 +239,7 @@ class StageHost(OutcomeSink):
             return False  # reported already, handed back as lost, or an earlier session's
         del self.running[tid]
         self.completed += 1
-        t: Task = a  # type: ignore[assignment]
+        t: Task = a
         self._hold(-t.nbytes)
         per_call = (time.monotonic() - t.sent_at) / t.rounds
         self.service = per_call if self.service is None else self.service + SERVICE_EWMA * (per_call - self.service)
