@@ -118,7 +118,7 @@ class AgentLink:
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.routing_id = b"\x01" + uuid.uuid4().bytes[1:]  # a routing id must not start with 0
-        sock.setsockopt(zmq.MAXMSGSIZE, P.CLIENT_MAX_MSG + P.MSG_SLACK)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + P.FRAME_SLACK)  # per frame: big ones come in pieces
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -239,7 +239,7 @@ class AgentLink:
         self.stages[ex.sid] = ls
         for fid, data in ex.fn_blobs.items():
             if fid not in self.known_fns:
-                self._send([P.header(P.FUNC, 1, fn=fid), data])
+                self._send(P.message(P.FUNC, [data], fn=fid))
                 self.known_fns.add(fid)
         self._send([P.header(P.STAGE, **ex.stage_fields)])
 
@@ -294,7 +294,7 @@ class AgentLink:
 
     def _send_tasks(self, ls: LinkStage, enc: P.Encoder) -> None:
         n, frames = enc.finish()
-        self._send([P.header(P.TASKS, len(frames), sid=ls.sid, n=n), *frames])
+        self._send(P.message(P.TASKS, frames, sid=ls.sid, n=n))
 
     def ack_emits(self, sid: int, n: int, epoch: int) -> None:
         if epoch == self.epoch and self.state == ALIVE:
@@ -329,6 +329,9 @@ class AgentLink:
     def _dispatch(self, frames: list[Any]) -> None:
         try:
             h = P.parse_header(frames)
+            if h["nf"] and sum(len(f) for f in frames) > P.CLIENT_MAX_MSG + P.MSG_SLACK:
+                raise P.ProtocolError("a message larger than a client accepts")
+            frames = P.joined(h, frames)
         except P.ProtocolError as exc:
             log.warning("dropped a malformed message from agent %s: %s", self.where, exc)
             if self.state == ALIVE:

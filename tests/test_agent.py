@@ -284,7 +284,7 @@ def test_version_mismatch_is_a_clear_error_naming_both_sides(
     with pytest.raises(ProbeError) as info:
         arun(probe(shared_agent.endpoint, timeout=3))
     msg = str(info.value)
-    assert "version mismatch" in msg and "protocol 99" in msg and "protocol 1" in msg
+    assert "version mismatch" in msg and "protocol 99" in msg and f"protocol {wire.PROTOCOL_VERSION}" in msg
     assert "cloudpickle 0.0.1" in msg
     monkeypatch.setattr(wire, "local_versions", real)  # this test's own status probe is honest
     assert shared_agent.status()["counters"]["version_mismatch"] >= 1

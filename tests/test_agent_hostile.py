@@ -12,9 +12,12 @@ import json
 import sys
 from typing import Any
 
+import cloudpickle
 import pytest
 import zmq
 from pypline.backends.wire import protocol as P
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,3 +120,82 @@ def test_an_agent_whose_reader_dies_stops_with_a_failure_status(
     status = asyncio.run(asyncio.wait_for(agent.serve(poke), 20))
     assert status == server.EXIT_INTERNAL != 0
     assert any("reader stopped" in r.getMessage() and r.levelname == "CRITICAL" for r in caplog.records)
+
+
+MiB = 1024 * 1024
+
+
+def test_big_items_travel_in_pieces_and_arrive_whole(arun: Any, shared_agent: Any, use_agents: Any) -> None:
+    """Items and results above MAX_FRAME are split on the wire and joined on arrival."""
+    from pypline import Pipeline, work_pool
+    from pypline.util import unwrap
+
+    big = bytes(range(256)) * (20 * MiB // 256)  # 20 MiB: three pieces each way
+    use_agents(shared_agent)
+    p = Pipeline([big, b"small", bytearray(big)]) >> work_pool(reverse, multi_proc=True)
+    out = unwrap(arun(p.run(), timeout=60))
+    assert [bytes(o) for o in out] == [big[::-1], b"llams", big[::-1]]
+
+
+def reverse(b: bytes) -> bytes:
+    return bytes(b[::-1])
+
+
+def test_split_frames_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(P, "MAX_FRAME", 4)
+    msg = P.message(P.FUNC, [b"0123456789"], fn="a" * 32)
+    h = P.parse_header(msg)
+    assert h["split"] == [[0, 3]] and len(msg) == 4
+    assert bytes(P.joined(h, msg)[1].buffer) == b"0123456789"
+    for bad in ([[0, 1]], [[1, 3]], [[0, 3], [0, 2]], "x", [[0, 3, 1]]):
+        head = json.dumps({"t": P.FUNC, "nf": 3, "fn": "a" * 32, "split": bad}).encode()
+        with pytest.raises(P.ProtocolError):
+            P.parse_header([head, b"012", b"345", b"6789"])
+
+
+def test_a_hundred_hostile_connections_cost_the_agent_little(tmp_path: Any) -> None:
+    """Before authentication, 100 raw TCP peers each announce a 250 MiB frame and send 8 MiB of
+    it: libzmq refuses frames above MAX_FRAME at once, so the agent's memory barely moves."""
+    import socket
+    import struct
+
+    import psutil
+
+    from pypline.worker_agent.security import keygen
+
+    keys = tmp_path / "keys"
+    keygen(keys)
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import start_agent
+
+    h = start_agent(tmp_path, keys=str(keys), workers=1)
+    try:
+        proc = psutil.Process(h.proc.pid)
+        before = proc.memory_info().rss
+        host, port = h.endpoint.removeprefix("tcp://").rsplit(":", 1)
+        greeting = b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"CURVE".ljust(20, b"\0") + b"\0" * 32
+        conns = []
+        for _ in range(100):
+            s = socket.create_connection((host, int(port)))
+            s.setblocking(False)
+            try:
+                s.send(greeting + bytes([0x06]) + struct.pack(">Q", 250 * MiB))
+            except OSError:
+                pass
+            conns.append(s)
+        chunk = bytes(MiB)
+        peak = before
+        for _ in range(8):
+            for s in conns:
+                try:
+                    s.send(chunk)
+                except OSError:
+                    pass  # refused and closed by the agent: the point
+            peak = max(peak, proc.memory_info().rss)
+        for s in conns:
+            s.close()
+        assert (peak - before) / MiB < 64, f"grew by {(peak - before) / MiB:.0f} MiB"
+        assert h.proc.poll() is None
+        assert h.status()["workers"] == 1  # and it still answers a keyed client
+    finally:
+        h.kill()

@@ -62,7 +62,7 @@ async def probe(
     try:
         sock.linger = 0
         sock.routing_id = b"\x01" + uuid.uuid4().bytes[1:]
-        sock.setsockopt(zmq.MAXMSGSIZE, P.DEFAULT_MAX_MSG)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + P.FRAME_SLACK)
         monitor = None
         if keys is not None:
             k = load_client_keys(keys)

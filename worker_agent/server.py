@@ -217,7 +217,9 @@ class Agent:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             sock.setsockopt(zmq.SNDHWM, SNDHWM)
             sock.setsockopt(zmq.RCVHWM, SNDHWM)
-            sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_msg + P.MSG_SLACK)
+            # Per frame (big payloads come in pieces): also all an unauthenticated peer can make
+            # libzmq buffer per connection, until the handshake times out (HANDSHAKE_IVL).
+            sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + P.FRAME_SLACK)
             sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
             sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
@@ -485,6 +487,9 @@ class Agent:
         body = frames[1:]
         try:
             h = P.parse_header(body)
+            if h["nf"] and sum(len(f) for f in body) > self.config.max_msg + P.MSG_SLACK:
+                raise P.ProtocolError(f"a message larger than --max-message ({self.config.max_msg >> 20} MiB)")
+            body = P.joined(h, body)
         except P.ProtocolError as exc:
             self._drop("malformed", rid, str(exc))
             return

@@ -353,7 +353,7 @@ class StageHost(OutcomeSink):
         n, frames = self.out.finish()
         w = self.window()
         self.last_window = w
-        self.session.send(P.header(P.RESULTS, len(frames), sid=self.sid, n=n, win=w), *frames)
+        self.session.send(*P.message(P.RESULTS, frames, sid=self.sid, n=n, win=w))
 
     async def aclose(self) -> None:
         """Park the executor for the next identical stage of the same client unless the agent

@@ -76,6 +76,8 @@ __all__ = [
     "INLINE_TYPES",
     "KINDS",
     "MAX_BATCH_ITEMS",
+    "FRAME_SLACK",
+    "MAX_FRAME",
     "MAX_HEADER",
     "MSG_SLACK",
     "PROTOCOL_VERSION",
@@ -99,12 +101,15 @@ __all__ = [
     "error_info",
     "fn_id",
     "header",
+    "joined",
     "local_versions",
+    "message",
     "parse_header",
 ]
 
 #: Wire protocol version. Bumped on any incompatible change; HELLO refuses a mismatch.
-PROTOCOL_VERSION = 1
+#: 2: payload frames above MAX_FRAME travel in pieces ("split").
+PROTOCOL_VERSION = 2
 
 #: Largest header frame. Headers carry counts and ids, never data, so 4 KiB is plenty,
 #: and a small cap means a malicious header costs nothing to refuse.
@@ -116,12 +121,23 @@ MAX_HEADER = 4096
 #: itself, with a clear error: libzmq would just drop the connection.
 DEFAULT_MAX_MSG = 256 * 1024 * 1024
 
-#: Largest result a client accepts (its DEALERs' ZMQ_MAXMSGSIZE, with MSG_SLACK): the
-#: client's guard against a hostile agent; an agent fails a bigger result itself.
+#: Largest result message a client accepts: its guard against a hostile agent (checked
+#: on the joined message); an agent fails a bigger result itself.
 CLIENT_MAX_MSG = 1024 * 1024 * 1024
 
-#: ZMQ_MAXMSGSIZE is the per-item limit plus this: the rest of a batch and the header.
+#: A message may exceed its per-item limit by this much: the rest of a batch and the header.
 MSG_SLACK = 4 * 1024 * 1024 + 64 * 1024
+
+#: Largest frame on the wire. A bigger payload frame travels in pieces of this size, which
+#: the header announces (``split``) and the receiver joins. Both sides set ZMQ_MAXMSGSIZE
+#: (a per-frame limit in libzmq, applied before authentication too) to MAX_FRAME +
+#: FRAME_SLACK: a peer that never authenticates cannot make libzmq buffer more than that
+#: per connection, and only until the handshake times out.
+MAX_FRAME = 8 * 1024 * 1024
+FRAME_SLACK = 64 * 1024
+
+#: Most split frames one message may announce.
+MAX_SPLITS = 256
 
 #: Most items in one TASKS/RESULTS message. Batching amortises the per-message cost
 #: (~20-40 µs through asyncio on both sides) over many items; the cap keeps one
@@ -208,7 +224,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
         "host": (_STR, False),
     },
     ERROR: {"code": (_STR, True), "message": (_STR, True), "sid": (_INT, False), "hello": (_INT, False)},
-    FUNC: {"fn": (_STR, True)},
+    FUNC: {"fn": (_STR, True), "split": (_LIST, False)},
     NEED_FUNC: {"sid": (_INT, True), "fns": (_LIST, True)},
     STAGE: {
         "sid": (_INT, True),
@@ -221,8 +237,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
         "buffer": (_INT, True),
     },
     STAGE_OK: {"sid": (_INT, True), "win": (_INT, True), "workers": (_INT, True)},
-    TASKS: {"sid": (_INT, True), "n": (_INT, True)},
-    RESULTS: {"sid": (_INT, True), "n": (_INT, True), "win": (_INT, True)},
+    TASKS: {"sid": (_INT, True), "n": (_INT, True), "split": (_LIST, False)},
+    RESULTS: {"sid": (_INT, True), "n": (_INT, True), "win": (_INT, True), "split": (_LIST, False)},
     CREDIT: {"sid": (_INT, True), "win": (_INT, False), "ack": (_INT, False)},
     PING: {"seq": (_INT, True), "detail": (_BOOL, False)},
     PONG: {
@@ -261,6 +277,46 @@ def _check_field(t: str, key: str, kind: str, v: Any) -> None:
         ok = type(v) is dict
     if not ok:
         raise ProtocolError(f"{t}: field {key!r} has a bad value {v!r:.80}")
+
+
+def message(t: str, payload: Sequence[Any], **fields: Any) -> list[Any]:
+    """``[header, *payload frames]``, each payload frame above MAX_FRAME sent in pieces."""
+    out: list[Any] = []
+    split: list[list[int]] = []
+    for pos, frame in enumerate(payload):
+        view = memoryview(frame)
+        if view.nbytes <= MAX_FRAME:
+            out.append(frame)
+            continue
+        view = view.cast("B")
+        pieces = [view[i : i + MAX_FRAME] for i in range(0, view.nbytes, MAX_FRAME)]
+        split.append([pos, len(pieces)])
+        out.extend(pieces)
+    if split:
+        fields["split"] = split
+    return [header(t, len(out), **fields), *out]
+
+
+def joined(h: dict[str, Any], frames: list[Any]) -> list[Any]:
+    """``frames`` (header first) with every split payload frame joined into one again."""
+    split = h.get("split")
+    if not split:
+        return frames
+    import zmq
+
+    out = [frames[0]]
+    i = 1
+    pos = 0
+    for at, k in split:
+        while pos < at:
+            out.append(frames[i])
+            i += 1
+            pos += 1
+        out.append(zmq.Frame(b"".join(f.buffer if hasattr(f, "buffer") else f for f in frames[i : i + k])))
+        i += k
+        pos += 1
+    out.extend(frames[i:])
+    return out
 
 
 def header(t: str, nf: int = 0, **fields: Any) -> bytes:
@@ -313,9 +369,10 @@ def _parse_header(frames: Sequence[Any]) -> dict[str, Any]:
     nf = h.get("nf")
     if type(nf) is not int or nf != len(frames) - 1:
         raise ProtocolError(f"{t}: header announces {nf!r:.20} payload frames, message has {len(frames) - 1}")
+    logical = nf - _check_split(t, h.get("split"), nf)
     fixed = _FIXED_FRAMES[t]
-    if fixed is not None and nf != fixed:
-        raise ProtocolError(f"{t}: carries {fixed} payload frames, not {nf}")
+    if fixed is not None and logical != fixed:
+        raise ProtocolError(f"{t}: carries {fixed} payload frames, not {logical}")
     for key, (kind, required) in _SCHEMA[t].items():
         if key in h:
             _check_field(t, key, kind, h[key])
@@ -329,12 +386,37 @@ def _is_fn_id(v: Any) -> bool:
     return type(v) is str and len(v) == FN_ID_LEN and all(c in "0123456789abcdef" for c in v)
 
 
+def _check_split(t: str, split: Any, nf: int) -> int:
+    """Check a ``split`` field ([[position, pieces], ...]); how many more frames than logical ones."""
+    if split is None:
+        return 0
+    if t not in (TASKS, RESULTS, FUNC) or type(split) is not list or not 1 <= len(split) <= MAX_SPLITS:
+        raise ProtocolError(f"{t}: bad split field")
+    extra = 0
+    last = -1
+    for entry in split:
+        if (
+            type(entry) is not list
+            or len(entry) != 2
+            or type(entry[0]) is not int
+            or type(entry[1]) is not int
+            or entry[0] <= last
+            or not 2 <= entry[1] <= MAX_FRAMES
+        ):
+            raise ProtocolError(f"{t}: bad split entry {entry!r:.40}")
+        last = entry[0]
+        extra += entry[1] - 1
+    if last >= nf - extra:
+        raise ProtocolError(f"{t}: split names frame {last} of {nf - extra}")
+    return extra
+
+
 def _check_specific(t: str, h: dict[str, Any]) -> None:
     if t in (TASKS, RESULTS):
         n = h["n"]
         if not 1 <= n <= MAX_BATCH_ITEMS:
             raise ProtocolError(f"{t}: batch of {n} items (1..{MAX_BATCH_ITEMS})")
-        if h["nf"] < 2:
+        if h["nf"] - _check_split(t, h.get("split"), h["nf"]) < 2:
             raise ProtocolError(f"{t}: needs an index and an inline frame")
     elif t == FUNC:
         if not _is_fn_id(h["fn"]):
