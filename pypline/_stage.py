@@ -23,6 +23,7 @@ from typing import (
     Protocol,
     Sequence,
     TypeVar,
+    Union,
     overload,
 )
 
@@ -37,6 +38,10 @@ A = TypeVar("A")
 B = TypeVar("B")
 U = TypeVar("U")
 M = TypeVar("M")
+
+RetryOn = Union[type[BaseException], tuple[type[BaseException], ...], Callable[[BaseException], bool]]
+"""What ``retry_on`` takes: exception classes, or a predicate deciding from the exception."""
+
 M_co = TypeVar("M_co", covariant=True)
 
 
@@ -95,7 +100,7 @@ class StageSpec:
     fork_merge: Callable[[list[Any]], Any] | None
     timeout: float | None
     backoff: float
-    retry_on: tuple[type[BaseException], ...]
+    retry_on: tuple[type[BaseException], ...] | Callable[[BaseException], bool]
 
     @property
     def num_workers(self) -> int:
@@ -161,7 +166,7 @@ class Stage(Generic[In, Out]):
         return self.spec.backoff
 
     @property
-    def retry_on(self) -> tuple[type[BaseException], ...]:
+    def retry_on(self) -> tuple[type[BaseException], ...] | Callable[[BaseException], bool]:
         return self.spec.retry_on
 
     @property
@@ -217,13 +222,18 @@ def _check_number(param: str, value: Any, *, allow_none: bool, positive: bool) -
     return v
 
 
-def _check_retry_on(value: Any) -> tuple[type[BaseException], ...]:
+def _check_retry_on(value: Any) -> tuple[type[BaseException], ...] | Callable[[BaseException], bool]:
+    if callable(value) and not isinstance(value, type):
+        predicate: Callable[[BaseException], bool] = value  # retry_on=lambda e: e.code in (429, 503)
+        return predicate
     classes = value if isinstance(value, tuple) else (value,)
     if not classes:
         raise ValueError("retry_on must name at least one exception class, got ()")
     for c in classes:
         if not (isinstance(c, type) and issubclass(c, BaseException)):
-            raise TypeError(f"retry_on must be an exception class or a tuple of them, got {value!r}")
+            raise TypeError(
+                f"retry_on must be an exception class, a tuple of them, or a predicate taking the exception, got {value!r}"
+            )
     return classes
 
 
@@ -296,7 +306,7 @@ def work_pool(
     fork_merge: None = None,
     timeout: float | None = None,
     backoff: float = 0.0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    retry_on: RetryOn = (Exception,),
     name: str | None = None,
 ) -> StageDecorator: ...
 @overload
@@ -311,7 +321,7 @@ def work_pool(
     fork_merge: Callable[[list[Any]], M],
     timeout: float | None = None,
     backoff: float = 0.0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    retry_on: RetryOn = (Exception,),
     name: str | None = None,
 ) -> ForkDecorator[M]: ...
 
@@ -327,7 +337,7 @@ def work_pool(
     fork_merge: Callable[[list[Any]], Any] | None = None,
     timeout: float | None = None,
     backoff: float = 0.0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    retry_on: RetryOn = (Exception,),
     name: str | None = None,
 ) -> Stage[Any, Any] | Callable[[Callable[..., Any]], Stage[Any, Any]]:
     """Make a stage of ``num_workers`` identical workers running ``fn``.
@@ -337,7 +347,9 @@ def work_pool(
     ``buffer`` is the stage's input queue capacity, ``retries`` the TOTAL number of
     attempts per item, ``timeout`` bounds each attempt, ``backoff`` sleeps
     ``backoff * 2**(attempt-1)`` seconds between attempts, and only exceptions
-    matching ``retry_on`` are retried. Works bare (``@work_pool``) or called.
+    matching ``retry_on`` are retried: exception classes, or a predicate taking the exception
+    (``retry_on=lambda e: getattr(e, "code", None) in (429, 503)`` retries those HTTP
+    statuses and not a 404). Works bare (``@work_pool``) or called.
     """
     opts = _check_common(
         buffer=buffer,
@@ -378,7 +390,7 @@ def mix_pool(
     fork_merge: None = None,
     timeout: float | None = None,
     backoff: float = 0.0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    retry_on: RetryOn = (Exception,),
     name: str | None = None,
 ) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]: ...
 @overload
@@ -392,7 +404,7 @@ def mix_pool(
     fork_merge: Callable[[list[Any]], M],
     timeout: float | None = None,
     backoff: float = 0.0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    retry_on: RetryOn = (Exception,),
     name: str | None = None,
 ) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, M]]: ...
 
@@ -407,7 +419,7 @@ def mix_pool(
     fork_merge: Callable[[list[Any]], Any] | None = None,
     timeout: float | None = None,
     backoff: float = 0.0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    retry_on: RetryOn = (Exception,),
     name: str | None = None,
 ) -> Stage[Any, Any] | Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]:
     """Make a stage whose workers are different functions.

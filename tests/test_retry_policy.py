@@ -36,3 +36,44 @@ def test_backoff_doubles_with_bounded_jitter(draw: float) -> None:
     assert delays == pytest.approx([d * (1 + JITTER * draw) for d in nominal])
     assert all(d is not None and d >= n for d, n in zip(delays, nominal))
     assert policy.decide(5, RuntimeError()) is None
+
+
+class HTTPError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"HTTP {code}")
+        self.code = code
+
+
+def test_retry_on_a_predicate_decides_from_the_exception() -> None:
+    policy = RetryPolicy(3, lambda e: getattr(e, "code", None) in (429, 503))
+    assert policy.decide(1, HTTPError(503)) == 0.0
+    assert policy.decide(1, HTTPError(404)) is None
+    assert policy.decide(3, HTTPError(503)) is None  # attempts used up
+
+
+def test_a_predicate_that_raises_means_do_not_retry(caplog: pytest.LogCaptureFixture) -> None:
+    policy = RetryPolicy(3, lambda e: e.missing_attribute)  # type: ignore[attr-defined]
+    assert policy.decide(1, ValueError("x")) is None
+    assert "retry_on predicate" in caplog.text
+
+
+def test_retry_on_predicate_in_a_run() -> None:
+    from pypline import Pipeline, work_pool
+
+    calls: dict[int, int] = {}
+
+    @work_pool(retries=3, retry_on=lambda e: isinstance(e, HTTPError) and e.code == 503)
+    def fetch(code: int) -> int:
+        calls[code] = calls.get(code, 0) + 1
+        raise HTTPError(code)
+
+    error = (Pipeline([503, 404]) >> fetch).run_sync().unwrap_err()
+    assert {f.item: f.attempts for f in error.failures} == {503: 3, 404: 1}
+    assert calls == {503: 3, 404: 1}
+
+
+def test_retry_on_rejects_what_is_neither_classes_nor_a_predicate() -> None:
+    from pypline import work_pool
+
+    with pytest.raises(TypeError, match="or a predicate taking the exception"):
+        work_pool(retry_on=(ValueError, 3))  # type: ignore[arg-type]
