@@ -203,20 +203,26 @@ class PipelineError(Exception):
     it (the rest follow in source order) and ``cancelled`` counts the items that were
     still in flight and were interrupted by the stop: they did not fail, and they are
     not in ``failures`` (an error that would have been retried counts here too).
+
+    ``delivered`` counts the outputs: ``len(outputs)``, or after ``run(collect=False)``
+    (which keeps no output, so ``outputs`` is empty) how many there were.
     """
 
     failures: list[ItemFailure] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
     cause: BaseException | None = None
     cancelled: int = 0
+    delivered: int = -1
 
     def __post_init__(self) -> None:
+        if self.delivered < 0:
+            self.delivered = len(self.outputs)
         Exception.__init__(self, str(self))
         if self.cause is not None:
             self.__cause__ = self.cause
 
     def __reduce__(self) -> Any:
-        return (PipelineError, (self.failures, self.outputs, self.cause, self.cancelled))
+        return (PipelineError, (self.failures, self.outputs, self.cause, self.cancelled, self.delivered))
 
     def __repr__(self) -> str:
         # Bounded, whatever the run's size: the outputs are counted, not shown.
@@ -224,7 +230,7 @@ class PipelineError(Exception):
         cause = f", cause={self.cause!r}" if self.cause is not None else ""
         cancelled = f", cancelled={self.cancelled}" if self.cancelled else ""
         return (
-            f"PipelineError(failures={len(self.failures)}, outputs={len(self.outputs)}"
+            f"PipelineError(failures={len(self.failures)}, outputs={self.delivered}"
             f"{cancelled}{cause}{first})"
         )
 
@@ -237,7 +243,7 @@ class PipelineError(Exception):
             for f in self.failures:
                 per_stage[f.stage] = per_stage.get(f.stage, 0) + 1
             counts = ", ".join(f"{n} in {s!r}" for s, n in per_stage.items())
-            parts.append(f"{len(self.failures)} item(s) failed ({counts}); {len(self.outputs)} output(s) succeeded")
+            parts.append(f"{len(self.failures)} item(s) failed ({counts}); {self.delivered} output(s) succeeded")
             parts.extend(f"  - {f}" for f in self.failures[:_SHOW_FAILURES])
             if len(self.failures) > _SHOW_FAILURES:
                 parts.append(f"  ... and {len(self.failures) - _SHOW_FAILURES} more")

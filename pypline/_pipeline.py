@@ -9,7 +9,19 @@ from __future__ import annotations
 import asyncio
 import sys
 from types import TracebackType
-from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Generic, Iterable, Iterator, TypeVar, overload
+from typing import (
+    Any,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generic,
+    Iterable,
+    Iterator,
+    Literal,
+    TypeVar,
+    overload,
+)
 
 from ._errors import ItemFailure, PipelineError
 from ._progress import ProgressChoice, check_progress
@@ -161,6 +173,7 @@ class Pipeline(Generic[T_co]):
         names = "".join(f" >> {s.name}" for s in self._stages)
         return f"Pipeline({type(self._source).__name__}{names})"
 
+    @overload
     async def run(
         self,
         *,
@@ -171,7 +184,33 @@ class Pipeline(Generic[T_co]):
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
-   ) -> Result[list[T_co], PipelineError]:
+        collect: Literal[True] = True,
+    ) -> Result[list[T_co], PipelineError]: ...
+    @overload
+    async def run(
+        self,
+        *,
+        ordered: bool = True,
+        fail_fast: bool = False,
+        executor: str | Backend | None = None,
+        progress: ProgressChoice = False,
+        on_stats: Callable[[RunStatistics], None] | None = None,
+        stats_interval: float = 0.5,
+        stats: bool = True,
+        collect: Literal[False],
+    ) -> Result[int, PipelineError]: ...
+    async def run(
+        self,
+        *,
+        ordered: bool = True,
+        fail_fast: bool = False,
+        executor: str | Backend | None = None,
+        progress: ProgressChoice = False,
+        on_stats: Callable[[RunStatistics], None] | None = None,
+        stats_interval: float = 0.5,
+        stats: bool = True,
+        collect: bool = True,
+    ) -> Result[list[T_co], PipelineError] | Result[int, PipelineError]:
         """Run every item through every stage; ``Ok(outputs)`` or ``Err(PipelineError)``.
 
         Never raises for a failing item or source. ``ordered=True`` returns outputs in
@@ -185,9 +224,14 @@ class Pipeline(Generic[T_co]):
         seconds and once more at the end; ``pipeline.last_stats`` keeps the final one.
         ``stats=False`` skips timing samples and the final snapshot (the engine's
         counters are its own bookkeeping and are always kept).
+
+        ``collect=False`` keeps no output: for a pipeline whose last stage writes its
+        results somewhere, the run returns ``Ok(number of outputs)``, or an ``Err`` whose
+        ``PipelineError`` has the failures and ``delivered`` (its ``outputs`` stay empty).
         """
         _check_bool("ordered", ordered)
         _check_bool("fail_fast", fail_fast)
+        _check_bool("collect", collect)
         _check_executor(executor)
         _check_reporting(progress, on_stats, stats_interval, stats)
         run = Run(
@@ -199,6 +243,8 @@ class Pipeline(Generic[T_co]):
             executor=executor,
             timing=stats,
        )
+        if not collect:
+            run.discard_outputs()
         try:
             if await run.start():
                 run.start_reporting(on_stats, progress, stats_interval, sys.stderr)
@@ -210,7 +256,11 @@ class Pipeline(Generic[T_co]):
                 self._last_stats = await run.finish_reporting() if stats else None
         return run.result()
 
-    def run_sync(self, **kwargs: Any) -> Result[list[T_co], PipelineError]:
+    @overload
+    def run_sync(self, *, collect: Literal[True] = True, **kwargs: Any) -> Result[list[T_co], PipelineError]: ...
+    @overload
+    def run_sync(self, *, collect: Literal[False], **kwargs: Any) -> Result[int, PipelineError]: ...
+    def run_sync(self, **kwargs: Any) -> Result[Any, PipelineError]:
         """``run(**kwargs)`` from synchronous code (starts and closes its own event loop).
 
         Inside a running event loop (a Jupyter notebook, say) the run gets an event loop
@@ -220,7 +270,7 @@ class Pipeline(Generic[T_co]):
         # The result leaves through a box, not as the main task's result: asyncio.run()
         # (3.11) formats that task's repr twice while restoring the SIGINT handler,
         # and so the repr of every output (13 ms per 100,000 ints).
-        box: list[Result[list[T_co], PipelineError]] = []
+        box: list[Result[Any, PipelineError]] = []
 
         async def main() -> None:
             box.append(await self.run(**kwargs))

@@ -161,6 +161,26 @@ def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
    )
 
 
+class _Counted(list):  # type: ignore[type-arg]
+    """Stands for ``Run.outputs`` under ``run(collect=False)``: counts what is added, keeps nothing."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def append(self, item: Any) -> None:
+        self.n += 1
+
+    def extend(self, items: Any) -> None:
+        for _ in items:
+            self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class _Collector(Inbox):
     """The end of the pipeline: hands outputs to the run. Always has room (permits bound it)."""
 
@@ -806,24 +826,37 @@ class Run:
             self.on_stats = None
         return final
 
-    def result(self) -> Result[list[Any], PipelineError]:
+    def result(self) -> Result[Any, PipelineError]:
         outputs = self.outputs
+        if type(outputs) is _Counted:
+            n = outputs.n
+            if self.failures or self.cause is not None:
+                return Err(self._error([], n))
+            return Ok(n)
         if self.ordered:
             keys = self.keys
             order = sorted(range(len(keys)), key=keys.__getitem__)
             outputs = list(map(outputs.__getitem__, order))
         if self.failures or self.cause is not None:
-            failures = sorted(self.failures, key=_INDEX)
-            cancelled = 0
-            if self.fail_fast and self.failures:
-                # The failure that stopped the run comes first; items still in flight when it
-                # stopped were interrupted, not failed: counted apart.
-                first = self.failures[0]
-                failures.remove(first)
-                failures.insert(0, first)
-                cancelled = self.bound - self.permits
-            return Err(PipelineError(failures=failures, outputs=outputs, cause=self.cause, cancelled=cancelled))
+            return Err(self._error(outputs, len(outputs)))
         return Ok(outputs)
+
+    def _error(self, outputs: list[Any], delivered: int) -> PipelineError:
+        failures = sorted(self.failures, key=_INDEX)
+        cancelled = 0
+        if self.fail_fast and self.failures:
+            # The failure that stopped the run comes first; items still in flight when it
+            # stopped were interrupted, not failed: counted apart.
+            first = self.failures[0]
+            failures.remove(first)
+            failures.insert(0, first)
+            cancelled = self.bound - self.permits
+        return PipelineError(failures=failures, outputs=outputs, cause=self.cause, cancelled=cancelled, delivered=delivered)
+
+    def discard_outputs(self) -> None:
+        """``run(collect=False)``: count the outputs, keep none (nor their order)."""
+        self.outputs = _Counted()
+        self.ordered = False
 
     async def next_result(self) -> Result[Any, ItemFailure] | None:
         """The next streamed result, or None at the end."""

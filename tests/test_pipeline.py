@@ -919,3 +919,36 @@ def test_no_task_outlives_a_run_stopped_while_a_sync_generator_waits_for_room(
             await asyncio.gather(*leaked, return_exceptions=True)
 
     arun(main())
+
+
+def test_run_collect_false_counts_and_keeps_nothing() -> None:
+    """collect=False: Ok(number of outputs); on failures, the Err has them and delivered, no outputs."""
+    import gc
+    import weakref
+
+    kept: list[Any] = []
+
+    class Big:
+        pass
+
+    def make(x: int) -> Any:
+        b = Big()
+        kept.append(weakref.ref(b))
+        return b
+
+    p = Pipeline(range(50)) >> work_pool(make) >> work_pool(lambda x: [x, x])
+    assert p.run_sync(collect=False) == Ok(50)
+    gc.collect()
+    assert all(r() is None for r in kept)  # no output was held on to
+
+    def check(x: int) -> int:
+        if x % 10 == 3:
+            raise ValueError(x)
+        return x
+
+    error = (Pipeline(range(30)) >> work_pool(check)).run_sync(collect=False).unwrap_err()
+    assert error.outputs == [] and error.delivered == 27
+    assert [f.item for f in error.failures] == [3, 13, 23]
+    assert "27 output(s) succeeded" in str(error)
+    with pytest.raises(TypeError, match="collect must be a bool"):
+        (Pipeline(range(3)) >> work_pool(check)).run_sync(collect="no")  # type: ignore[call-overload]

@@ -99,3 +99,5 @@ async def results() -> None:
         assert_type(item, Result[float, ItemFailure])
         assert_type(unwrap(item), float)
     assert_type(p.run_sync(), Result[list[float], PipelineError])
+    assert_type(await p.run(collect=False), Result[int, PipelineError])  # counts, keeps nothing
+    assert_type(p.run_sync(collect=False), Result[int, PipelineError])
