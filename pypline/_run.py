@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 
 from ._config import current_settings, effective_agents
 from ._errors import ItemFailure, PipelineError, StageStartError
+from ._rate import RateLimited
 from ._progress import REFRESH_SECONDS, Display, ProgressChoice, make_display
 from ._registry import load_backend
 from ._stage_runner import StageRunner, Envelope, Inbox, wait_for_space
@@ -388,7 +389,8 @@ class Run:
                 await backend.open()
             for spec, backend in plan:
                 stage = spec.name
-                self.executors.append(backend.executor(spec))
+                ex = backend.executor(spec)
+                self.executors.append(ex if spec.rate is None else RateLimited(ex, *spec.rate))
             # Runners are built back to front so each knows its downstream hop.
             nxt: Inbox = collector
             for spec, ex in reversed(list(zip(self.specs, self.executors))):

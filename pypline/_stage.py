@@ -101,6 +101,7 @@ class StageSpec:
     timeout: float | None
     backoff: float
     retry_on: tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+    rate: tuple[int, float] | None = None  # at most rate[0] attempts started per rate[1] seconds
 
     @property
     def num_workers(self) -> int:
@@ -170,6 +171,10 @@ class Stage(Generic[In, Out]):
         return self.spec.retry_on
 
     @property
+    def rate(self) -> tuple[int, float] | None:
+        return self.spec.rate
+
+    @property
     def workers(self) -> tuple[Callable[..., Any], ...]:
         """Each worker's function (``num_workers`` copies of one for a ``work_pool``)."""
         return tuple(w.fn for w in self.spec.workers)
@@ -237,8 +242,28 @@ def _check_retry_on(value: Any) -> tuple[type[BaseException], ...] | Callable[[B
     return classes
 
 
+def _check_rate(value: Any) -> tuple[int, float] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, tuple) and len(value) == 2):
+        raise TypeError(f"rate must be (attempts, seconds), e.g. rate=(100, 1.0), got {value!r}")
+    n = _check_int("rate[0] (attempts)", value[0], 1)
+    per = _check_number("rate[1] (seconds)", value[1], allow_none=False, positive=True)
+    assert per is not None
+    return (n, per)
+
+
 def _check_common(
-    *, buffer: Any, retries: Any, multi_proc: Any, fork_merge: Any, timeout: Any, backoff: Any, retry_on: Any, name: Any
+    *,
+    buffer: Any,
+    retries: Any,
+    multi_proc: Any,
+    fork_merge: Any,
+    timeout: Any,
+    backoff: Any,
+    retry_on: Any,
+    name: Any,
+    rate: Any = None,
 ) -> dict[str, Any]:
     if not isinstance(multi_proc, bool):
         raise TypeError(f"multi_proc must be a bool, got {multi_proc!r}")
@@ -256,6 +281,7 @@ def _check_common(
         "timeout": _check_number("timeout", timeout, allow_none=True, positive=True),
         "backoff": _check_number("backoff", backoff, allow_none=False, positive=False),
         "retry_on": _check_retry_on(retry_on),
+        "rate": _check_rate(rate),
     }
 
 
@@ -308,6 +334,7 @@ def work_pool(
     backoff: float = 0.0,
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
+    rate: tuple[int, float] | None = None,
 ) -> StageDecorator: ...
 @overload
 def work_pool(
@@ -323,6 +350,7 @@ def work_pool(
     backoff: float = 0.0,
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
+    rate: tuple[int, float] | None = None,
 ) -> ForkDecorator[M]: ...
 
 
@@ -339,6 +367,7 @@ def work_pool(
     backoff: float = 0.0,
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
+    rate: tuple[int, float] | None = None,
 ) -> Stage[Any, Any] | Callable[[Callable[..., Any]], Stage[Any, Any]]:
     """Make a stage of ``num_workers`` identical workers running ``fn``.
 
@@ -349,7 +378,9 @@ def work_pool(
     ``backoff * 2**(attempt-1)`` seconds between attempts, and only exceptions
     matching ``retry_on`` are retried: exception classes, or a predicate taking the exception
     (``retry_on=lambda e: getattr(e, "code", None) in (429, 503)`` retries those HTTP
-    statuses and not a 404). Works bare (``@work_pool``) or called.
+    statuses and not a 404). ``rate=(n, seconds)`` starts at most ``n`` attempts (retries
+    included) in any ``seconds``-long window, for the stage as a whole, on every backend.
+    Works bare (``@work_pool``) or called.
     """
     opts = _check_common(
         buffer=buffer,
@@ -360,6 +391,7 @@ def work_pool(
         backoff=backoff,
         retry_on=retry_on,
         name=name,
+        rate=rate,
     )
     workers = _check_int("num_workers", num_workers, 1)
 
@@ -392,6 +424,7 @@ def mix_pool(
     backoff: float = 0.0,
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
+    rate: tuple[int, float] | None = None,
 ) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]: ...
 @overload
 def mix_pool(
@@ -406,6 +439,7 @@ def mix_pool(
     backoff: float = 0.0,
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
+    rate: tuple[int, float] | None = None,
 ) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, M]]: ...
 
 
@@ -421,6 +455,7 @@ def mix_pool(
     backoff: float = 0.0,
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
+    rate: tuple[int, float] | None = None,
 ) -> Stage[Any, Any] | Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]:
     """Make a stage whose workers are different functions.
 
@@ -437,6 +472,7 @@ def mix_pool(
         backoff=backoff,
         retry_on=retry_on,
         name=name,
+        rate=rate,
     )
 
     def decorate(f: Callable[[], Sequence[Callable[..., Any]]]) -> Stage[Any, Any]:

@@ -643,3 +643,26 @@ def test_errors_keep_their_type_and_remote_traceback(backend_factory: Callable[[
         assert isinstance(unpicklable, Unpicklable)
     in_process = type(backend).__name__ in ("AsyncioBackend", "MockBackend")
     assert isinstance(cause, RemoteTraceback) != in_process
+
+
+def stamp_start(x: int) -> float:
+    import time
+
+    return time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on this host
+
+
+def test_rate_limit_holds_on_every_backend(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """rate=(n, s) is the engine's: on every backend, no window of s seconds (less the
+    workers' dispatch latency) holds more than n starts."""
+    from pypline import Pipeline
+    from pypline.util import unwrap
+
+    stage = work_pool(stamp_start, multi_proc=True, num_workers=3, rate=(6, 0.4))
+    starts = sorted(unwrap(arun((Pipeline(range(18)) >> stage).run(executor=backend_factory()), timeout=60)))
+    window = 0.4 - 0.05
+    j = 0
+    for i, t in enumerate(starts):
+        while t - starts[j] >= window:
+            j += 1
+        assert i - j + 1 <= 6, [round(s - starts[0], 3) for s in starts]
+    assert starts[-1] - starts[0] >= 0.8 - 0.05  # 18 starts at 6 per 0.4 s span two refills

@@ -1,0 +1,159 @@
+"""Rate limits: ``@work_pool(rate=(n, seconds))`` starts at most ``n`` attempts in any
+``seconds``-long window, for the stage as a whole, on every backend.
+
+::
+
+    StageRunner ── capacity() / submit ──► RateLimited ── submit ──► the backend's executor
+        (the engine)                        │ capacity = min(the executor's,          │
+                                            │   free starts in the window,            │
+                                            │   workers not busy)                     │
+                 ◄── ok / error / lost ─────┴── (counts the attempt as ended) ◄───────┘
+                 ◄── capacity_changed ── a timer, when the oldest start leaves the window
+
+The limiter sits on the engine's side of the executor seam, so it is one mechanism
+whatever runs the stage (threads, processes, agents, Dask, Ray). An attempt counts
+when it is handed to the executor, retries included; its worker starts it after that
+backend's dispatch latency (well under a millisecond for threads, a few for processes
+and agents), so measured at the workers a window can be that much shorter. At most ``num_workers`` attempts
+are out at once, so an attempt handed over is an attempt started (none waits in an
+executor's queue, where several could later start together and exceed the rate). The
+window is a log of the last ``n`` start times: exact, not a token bucket's average.
+``waited`` adds up the time the stage had a free worker but had to wait for the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .executor import Attempt, Executor, ExecutorStatistics, OutcomeSink, StageSpec
+
+__all__ = ["RateLimited"]
+
+
+class RateLimited(Executor, OutcomeSink):
+    """An executor's stand-in that admits attempts at most ``n`` per ``per`` seconds."""
+
+    def __init__(self, inner: Executor, n: int, per: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.inner = inner
+        self.n = n
+        self.per = per
+        self.clock = clock
+        self.starts: deque[float] = deque()
+        self.out: set[int] = set()  # ids of the attempts handed over and not ended
+        self.workers = 1
+        self.sink: OutcomeSink | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.blocked_since: float | None = None
+        self.waited = 0.0
+
+    # --- the window --------------------------------------------------------------------------
+
+    def _free_starts(self, now: float) -> int:
+        starts = self.starts
+        while starts and now - starts[0] >= self.per:
+            starts.popleft()
+        return self.n - len(starts)
+
+    def _wake_later(self, now: float) -> None:
+        if self.timer is None and self.starts:
+            delay = max(0.0, self.starts[0] + self.per - now)
+            self.timer = asyncio.get_running_loop().call_later(delay, self._window_moved)
+
+    def _window_moved(self) -> None:
+        self.timer = None
+        if self.blocked_since is not None:
+            self.waited += self.clock() - self.blocked_since
+            self.blocked_since = None
+        if self.sink is not None:
+            self.sink.capacity_changed()
+
+    # --- Executor ----------------------------------------------------------------------------
+
+    async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
+        self.sink = sink
+        self.workers = spec.num_workers
+        await self.inner.start(spec, self)
+
+    def capacity(self) -> int:
+        room = min(self.inner.capacity(), self.workers - len(self.out))
+        if room <= 0:
+            return 0
+        now = self.clock()
+        free = self._free_starts(now)
+        if free <= 0:
+            if self.blocked_since is None:
+                self.blocked_since = now
+            self._wake_later(now)
+            return 0
+        return min(room, free)
+
+    def submit(self, attempts: Sequence[Attempt]) -> None:
+        now = self.clock()
+        self.starts.extend([now] * len(attempts))
+        self.out.update(map(id, attempts))
+        self.inner.submit(attempts)
+
+    def submit_one(self, attempt: Attempt) -> None:
+        self.submit((attempt,))
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    async def aclose(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.sink = None
+        await self.inner.aclose()
+
+    def statistics(self) -> ExecutorStatistics:
+        s = self.inner.statistics()
+        waited = self.waited + (self.clock() - self.blocked_since if self.blocked_since is not None else 0.0)
+        details = {**s.details, "rate": f"{self.n} per {self.per:g} s", "rate_waited_s": round(waited, 3)}
+        return ExecutorStatistics(
+            backend=s.backend,
+            workers=s.workers,
+            capacity=self.capacity(),
+            submitted=s.submitted,
+            completed=s.completed,
+            workers_replaced=s.workers_replaced,
+            running=s.running,
+            busy_seconds=s.busy_seconds,
+            latencies=s.latencies,
+            details=details,
+            cpu_share=s.cpu_share,
+        )
+
+    # --- OutcomeSink: the executor's reports, passed on --------------------------------------
+
+    def ok(self, attempt: Attempt, value: Any) -> None:
+        self.out.discard(id(attempt))
+        if self.sink is not None:
+            self.sink.ok(attempt, value)
+
+    def ok_many(self, attempts: Sequence[Attempt], values: Sequence[Any]) -> None:
+        self.out.difference_update(map(id, attempts))
+        if self.sink is not None:
+            self.sink.ok_many(attempts, values)
+
+    def error(self, attempt: Attempt, exc: BaseException) -> None:
+        self.out.discard(id(attempt))
+        if self.sink is not None:
+            self.sink.error(attempt, exc)
+
+    def lost(self, attempt: Attempt, where: str) -> None:
+        self.out.discard(id(attempt))
+        if self.sink is not None:
+            self.sink.lost(attempt, where)
+
+    async def emit(self, attempt: Attempt, value: Any) -> None:
+        if self.sink is not None:
+            await self.sink.emit(attempt, value)
+
+    def capacity_changed(self) -> None:
+        if self.sink is not None:
+            self.sink.capacity_changed()
