@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 
 from ._config import current_settings, effective_agents
 from ._errors import ItemFailure, PipelineError, StageStartError
+from ._batch import Batched
 from ._rate import RateLimited
 from ._progress import REFRESH_SECONDS, Display, ProgressChoice, make_display
 from ._registry import load_backend
@@ -390,7 +391,11 @@ class Run:
             for spec, backend in plan:
                 stage = spec.name
                 ex = backend.executor(spec)
-                self.executors.append(ex if spec.rate is None else RateLimited(ex, *spec.rate))
+                if spec.rate is not None:
+                    ex = RateLimited(ex, *spec.rate)  # counts calls (of batches, in a batch stage)
+                if spec.batch is not None:
+                    ex = Batched(ex, spec.batch, spec.batch_wait)
+                self.executors.append(ex)
             # Runners are built back to front so each knows its downstream hop.
             nxt: Inbox = collector
             for spec, ex in reversed(list(zip(self.specs, self.executors))):

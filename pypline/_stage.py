@@ -102,6 +102,8 @@ class StageSpec:
     backoff: float
     retry_on: tuple[type[BaseException], ...] | Callable[[BaseException], bool]
     rate: tuple[int, float] | None = None  # at most rate[0] attempts started per rate[1] seconds
+    batch: int | None = None  # the function takes lists of up to this many items (_batch.py)
+    batch_wait: float = 0.05  # seconds a partial batch waits for more items
 
     @property
     def num_workers(self) -> int:
@@ -173,6 +175,10 @@ class Stage(Generic[In, Out]):
     @property
     def rate(self) -> tuple[int, float] | None:
         return self.spec.rate
+
+    @property
+    def batch(self) -> int | None:
+        return self.spec.batch
 
     @property
     def workers(self) -> tuple[Callable[..., Any], ...]:
@@ -335,6 +341,8 @@ def work_pool(
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
     rate: tuple[int, float] | None = None,
+    batch: int | None = None,
+    batch_wait: float = 0.05,
 ) -> StageDecorator: ...
 @overload
 def work_pool(
@@ -351,6 +359,8 @@ def work_pool(
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
     rate: tuple[int, float] | None = None,
+    batch: int | None = None,
+    batch_wait: float = 0.05,
 ) -> ForkDecorator[M]: ...
 
 
@@ -368,6 +378,8 @@ def work_pool(
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
     rate: tuple[int, float] | None = None,
+    batch: int | None = None,
+    batch_wait: float = 0.05,
 ) -> Stage[Any, Any] | Callable[[Callable[..., Any]], Stage[Any, Any]]:
     """Make a stage of ``num_workers`` identical workers running ``fn``.
 
@@ -380,6 +392,10 @@ def work_pool(
     (``retry_on=lambda e: getattr(e, "code", None) in (429, 503)`` retries those HTTP
     statuses and not a 404). ``rate=(n, seconds)`` starts at most ``n`` attempts (retries
     included) in any ``seconds``-long window, for the stage as a whole, on every backend.
+    ``batch=n`` makes a batch stage: ``fn`` takes a list of up to ``n`` items (fewer once
+    ``batch_wait`` seconds passed without more) and returns a list of one output per item;
+    each item keeps its own Result and attempts (a failing call is split in halves until
+    only the items that fail alone fail). Its buffer is at least ``n x num_workers``.
     Works bare (``@work_pool``) or called.
     """
     opts = _check_common(
@@ -394,6 +410,12 @@ def work_pool(
         rate=rate,
     )
     workers = _check_int("num_workers", num_workers, 1)
+    if batch is not None:
+        _check_int("batch", batch, 1)
+        wait = _check_number("batch_wait", batch_wait, allow_none=False, positive=True)
+        if fork_merge is not None:
+            raise ValueError("batch= and fork_merge= do not go together: a batch stage runs in pool mode")
+        opts.update(batch=batch, batch_wait=wait, buffer=max(opts["buffer"], batch * workers))
 
     def decorate(f: Callable[..., Any]) -> Stage[Any, Any]:
         if isinstance(f, Stage):
@@ -401,6 +423,8 @@ def work_pool(
         if not callable(f):
             raise TypeError(f"work_pool() decorates a callable, got {f!r}")
         wf = WorkerFn(f, fn_kind(f))
+        if batch is not None and wf.kind.is_generator:
+            raise ValueError(f"batch= needs a function returning a list of outputs; {_callable_name(f)!r} is a generator")
         spec = StageSpec(name=name or _callable_name(f), workers=(wf,) * workers, **opts)
         return Stage(spec, f)
 

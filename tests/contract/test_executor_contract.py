@@ -666,3 +666,21 @@ def test_rate_limit_holds_on_every_backend(backend_factory: Callable[[], Backend
             j += 1
         assert i - j + 1 <= 6, [round(s - starts[0], 3) for s in starts]
     assert starts[-1] - starts[0] >= 0.8 - 0.05  # 18 starts at 6 per 0.4 s span two refills
+
+
+def batch_check(xs: list[int]) -> list[int]:
+    if 5 in xs:
+        raise ValueError("5 fails alone")
+    return [x + 100 for x in xs]
+
+
+def test_batch_stages_on_every_backend(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """A batch stage's calls go through any backend; each item keeps its own Result and attempts."""
+    from pypline import Pipeline
+    from pypline.util import unwrap_err
+
+    stage = work_pool(batch_check, multi_proc=True, num_workers=2, batch=4, retries=2)
+    err = unwrap_err(arun((Pipeline(range(12)) >> stage).run(executor=backend_factory()), timeout=60))
+    assert err.outputs == [x + 100 for x in range(12) if x != 5]
+    [failure] = err.failures
+    assert failure.item == 5 and failure.attempts == 2 and isinstance(failure.error, ValueError)
