@@ -147,7 +147,9 @@ class ItemFailure(Exception):
     ``index`` is the item's position in the source, ``stage`` the failing stage's
     name, ``item`` the value that stage received, ``error`` the last exception and
     ``attempts`` how many attempts were made (of ``max_attempts``, the stage's
-    ``retries``, when known).
+    ``retries``, when known). ``history`` says how each earlier attempt of this item in
+    this stage failed, as (exception type name, message) pairs, oldest first: only the
+    last error is kept whole, with its traceback.
     """
 
     index: int
@@ -156,12 +158,16 @@ class ItemFailure(Exception):
     error: BaseException
     attempts: int
     max_attempts: int | None = None
+    history: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         Exception.__init__(self, self.index, self.stage, self.item, self.error, self.attempts, self.max_attempts)
 
     def __reduce__(self) -> Any:
-        return (ItemFailure, (self.index, self.stage, self.item, self.error, self.attempts, self.max_attempts))
+        return (
+            ItemFailure,
+            (self.index, self.stage, self.item, self.error, self.attempts, self.max_attempts, self.history),
+        )
 
     def __repr__(self) -> str:  # bounded: a big item is shortened
         return (

@@ -160,6 +160,7 @@ def _stage_statistics(r: StageRunner, elapsed: float) -> StageStatistics:
         throughput=succeeded / elapsed,
         details=es.details,
         cpu_share=es.cpu_share,
+        retries_by_error=dict(r.retry_errors),
    )
 
 

@@ -30,6 +30,9 @@ from .util import Result
 if TYPE_CHECKING:
     from ._stage import StageSpec
 
+#: Longest message kept per earlier attempt in ``ItemFailure.history``.
+HISTORY_MESSAGE = 200
+
 
 class RunSide(Protocol):
     """What a stage runner needs from the run it belongs to (``Run`` implements it).
@@ -202,6 +205,8 @@ class StageRunner(Inbox, OutcomeSink):
         "listeners",
         "emit_waiters",
         "lost_info",
+        "history",
+        "retry_errors",
         "waiting_space",
         "upstream_done",
         "finished",
@@ -245,6 +250,8 @@ class StageRunner(Inbox, OutcomeSink):
         self.listeners: list[tuple[Callable[[], None], bool]] = []
         self.emit_waiters: list[asyncio.Future[None]] = []
         self.lost_info: dict[Any, list[str]] = {}  # job -> agents it was lost with
+        self.history: dict[Any, list[tuple[str, str]]] = {}  # job -> how its earlier attempts failed
+        self.retry_errors: dict[str, int] = {}  # retries, by the exception type that caused them
         self.waiting_space = False
         self.upstream_done = False
         self.finished = False
@@ -419,6 +426,8 @@ class StageRunner(Inbox, OutcomeSink):
         """An item left this stage (forwarded, filtered or failed): make room for the next."""
         if self.lost_info:
             self.lost_info.pop(job, None)
+        if self.history:
+            self.history.pop(job, None)
         self._dispatch()
         if self.upstream_done:
             self._check_done()
@@ -428,7 +437,8 @@ class StageRunner(Inbox, OutcomeSink):
             job.failed = True
         env = self._env(job)
         self.failed += 1
-        failure = ItemFailure(env.src.index, self.name, attempt.item, exc, attempt.number, self.retries)
+        history = tuple(self.history.pop(job, ())) if self.history else ()
+        failure = ItemFailure(env.src.index, self.name, attempt.item, exc, attempt.number, self.retries, history)
         self.run.item_failed(env, failure)
         self._left()
         self._finish(job)
@@ -470,6 +480,8 @@ class StageRunner(Inbox, OutcomeSink):
                 self._listen_downstream()
             if self.lost_info:
                 self.lost_info.pop(job, None)
+            if self.history:
+                self.history.pop(job, None)
             inbox = self.inbox
             if inbox and not self.parked and not self.stopping and not self.ready and self.ex.capacity() > 0:
                 env = inbox.popleft()
@@ -536,6 +548,9 @@ class StageRunner(Inbox, OutcomeSink):
         if self.lost_info:
             for env in done:
                 self.lost_info.pop(env, None)
+        if self.history:
+            for env in done:
+                self.history.pop(env, None)
         down = self.down
         room = 0 if self.parked else down.limit - down.held
         if room >= len(done):
@@ -578,6 +593,9 @@ class StageRunner(Inbox, OutcomeSink):
             return
         if not self.plain and job.partials is not None:
             job.partials[attempt.worker] = []
+        kind = type(exc).__name__
+        self.retry_errors[kind] = self.retry_errors.get(kind, 0) + 1
+        self.history.setdefault(job, []).append((kind, str(exc)[:HISTORY_MESSAGE]))
         self._retry(attempt, attempt.number + 1, delay)
 
     def lost(self, attempt: _Try, where: str) -> None:  # type: ignore[override]

@@ -47,6 +47,7 @@ class StageStatistics:
     ``buffer + workers``; ``queue_max`` the most it held; ``times_full`` how often
     the producer before it found it full. ``details`` is what the backend adds
     (the ``zmq`` backend: per-agent state, workers, items in flight and credits).
+    ``retries_by_error`` counts the retries by the exception type that caused them.
     ``cpu_share`` is the share of the calls' time spent on a CPU (plain functions in
     threads: thread CPU time over wall time), ``None`` where the backend does not measure it.
     """
@@ -77,10 +78,12 @@ class StageStatistics:
     throughput: float
     details: Mapping[str, Any] = field(default_factory=dict)
     cpu_share: float | None = None
+    retries_by_error: Mapping[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["details"] = dict(self.details)
+        d["retries_by_error"] = dict(self.retries_by_error)
         return d
 
 

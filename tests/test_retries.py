@@ -401,3 +401,32 @@ def test_fork_worker_timeout_is_retried_on_that_worker(arun: Any) -> None:
         return (info.index, info.attempt)
 
     assert arun(run_ok(Pipeline(range(2)) >> part)) == [[(0, 1), (1, 2)]] * 2
+
+
+def test_a_failure_keeps_the_history_of_its_attempts_and_stats_count_retries_by_type() -> None:
+    """ItemFailure.history: (type, message) of each earlier attempt, oldest first; the last
+    error is the one kept whole. StageStatistics.retries_by_error counts retries per type."""
+    from pypline import Pipeline, work_pool
+
+    errors = [ConnectionError("refused"), TimeoutError("slow"), ValueError("bad data")]
+    tries: dict[int, int] = {}
+
+    def flaky(x: int) -> int:
+        n = tries[x] = tries.get(x, 0) + 1
+        if x == 1:
+            raise errors[n - 1]
+        if x == 2 and n == 1:
+            raise ConnectionError("refused")
+        return x
+
+    p = Pipeline(range(3)) >> work_pool(flaky, retries=3)
+    error = p.run_sync().unwrap_err()
+    [failure] = error.failures
+    assert failure.history == (("ConnectionError", "refused"), ("TimeoutError", "slow"))
+    assert isinstance(failure.error, ValueError) and failure.attempts == 3
+    assert error.outputs == [0, 2]
+    assert p.last_stats is not None
+    assert dict(p.last_stats.stages[0].retries_by_error) == {"ConnectionError": 2, "TimeoutError": 1}
+    import pickle
+
+    assert pickle.loads(pickle.dumps(failure)).history == failure.history
