@@ -8,7 +8,7 @@
                                             │   free starts in the window,            │
                                             │   workers not busy)                     │
                  ◄── ok / error / lost ─────┴── (counts the attempt as ended) ◄───────┘
-                 ◄── capacity_changed ── a timer, when the oldest start leaves the window
+                 ◄── capacity_changed ── a timer, when the next start is due
 
 The limiter sits on the engine's side of the executor seam, so it is one mechanism
 whatever runs the stage (threads, processes, agents, Dask, Ray). An attempt counts
@@ -16,9 +16,13 @@ when it is handed to the executor, retries included; its worker starts it after 
 backend's dispatch latency (well under a millisecond for threads, a few for processes
 and agents), so measured at the workers a window can be that much shorter. At most ``num_workers`` attempts
 are out at once, so an attempt handed over is an attempt started (none waits in an
-executor's queue, where several could later start together and exceed the rate). The
-window is a log of the last ``n`` start times: exact, not a token bucket's average.
-``waited`` adds up the time the stage had a free worker but had to wait for the window.
+executor's queue, where several could later start together and exceed the rate).
+Starts follow an even schedule, one every ``seconds / n``, never a burst (the workers'
+dispatch jitter would turn a burst followed by the next one into an excess); a start
+that came late (a busy loop) is caught up on, so the rate achieved is the rate asked.
+A log of the last ``n`` starts makes the rule exact: no window of ``seconds`` holds more
+than ``n`` of them, caught-up starts included. ``waited`` adds
+up the time the stage had a free worker but waited for its next start.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ class RateLimited(Executor, OutcomeSink):
         self.inner = inner
         self.n = n
         self.per = per
+        self.interval = per / n
         self.clock = clock
-        self.starts: deque[float] = deque()
+        self.next_at: float | None = None  # when the next attempt may start (the schedule)
+        self.starts: deque[float] = deque(maxlen=n)  # the last n starts
         self.out: set[int] = set()  # ids of the attempts handed over and not ended
         self.workers = 1
         self.sink: OutcomeSink | None = None
@@ -50,20 +56,13 @@ class RateLimited(Executor, OutcomeSink):
         self.blocked_since: float | None = None
         self.waited = 0.0
 
-    # --- the window --------------------------------------------------------------------------
+    # --- the spacing -------------------------------------------------------------------------
 
-    def _free_starts(self, now: float) -> int:
-        starts = self.starts
-        while starts and now - starts[0] >= self.per:
-            starts.popleft()
-        return self.n - len(starts)
+    def _wake_later(self, now: float, due: float) -> None:
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(max(0.0, due - now), self._due)
 
-    def _wake_later(self, now: float) -> None:
-        if self.timer is None and self.starts:
-            delay = max(0.0, self.starts[0] + self.per - now)
-            self.timer = asyncio.get_running_loop().call_later(delay, self._window_moved)
-
-    def _window_moved(self) -> None:
+    def _due(self) -> None:
         self.timer = None
         if self.blocked_since is not None:
             self.waited += self.clock() - self.blocked_since
@@ -79,20 +78,26 @@ class RateLimited(Executor, OutcomeSink):
         await self.inner.start(spec, self)
 
     def capacity(self) -> int:
-        room = min(self.inner.capacity(), self.workers - len(self.out))
-        if room <= 0:
+        if min(self.inner.capacity(), self.workers - len(self.out)) <= 0:
             return 0
         now = self.clock()
-        free = self._free_starts(now)
-        if free <= 0:
+        due = self.next_at
+        if len(self.starts) == self.n:  # the window rule: the n-th last start must be `per` ago
+            due = max(due or 0.0, self.starts[0] + self.per)
+        if due is not None and now < due:
             if self.blocked_since is None:
                 self.blocked_since = now
-            self._wake_later(now)
+            self._wake_later(now, due)
             return 0
-        return min(room, free)
+        return 1
 
     def submit(self, attempts: Sequence[Attempt]) -> None:
         now = self.clock()
+        if self.next_at is None or now - self.next_at >= self.per:
+            start = now  # the first start, or idle for a while: a new schedule
+        else:
+            start = self.next_at  # on schedule, or catching up on a start that came late
+        self.next_at = start + self.interval * len(attempts)
         self.starts.extend([now] * len(attempts))
         self.out.update(map(id, attempts))
         self.inner.submit(attempts)

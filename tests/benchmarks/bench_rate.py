@@ -4,8 +4,9 @@
 
 One stage of 8 workers doing nothing but stamping the time, ``rate=(RATE, 1.0)``, fed
 ``RATE * SECONDS`` items, on the asyncio backend (threads) and the process backend.
-Reports the achieved rate (starts / span between the first and last start), its ratio
-to the requested one, and the most starts seen in any 1-second window.
+Reports the achieved rate (starts after the first, over the span from the first start to
+the last), its ratio to the requested one, and the most starts the workers saw in any
+1-second window.
 """
 
 from __future__ import annotations
