@@ -85,7 +85,9 @@ def test_a_deeply_nested_header_does_not_make_the_agent_deaf(shared_agent: Any, 
             sock.send_multipart([nested(DEPTH, t)])
         pong = _ping(shared_agent.endpoint)
         assert pong is not None, shared_agent.log()
-        assert shared_agent.status()["counters"]["malformed"] >= before + 4
+        # TASKS, HELLO and STAGE lack their required fields whatever the parser does; the
+        # PING is malformed where json cannot go this deep (3.11), a valid PING where it can.
+        assert shared_agent.status()["counters"]["malformed"] >= before + 3
     finally:
         sock.close(0)
     assert "Traceback" not in shared_agent.log()  # dropped as malformed, not as a crash
