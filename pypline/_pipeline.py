@@ -7,6 +7,7 @@ tuples; nothing runs until ``run()``, ``run_sync()`` or ``stream()``.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from types import TracebackType
 from typing import (
@@ -24,6 +25,7 @@ from typing import (
 )
 
 from ._errors import ItemFailure, PipelineError
+from ._journal import Journal
 from ._progress import ProgressChoice, check_progress
 from ._sync import LoopThread, PipelineIterator, run_in_thread
 from ._run import Run
@@ -81,6 +83,26 @@ class Flow(Generic[In, T_co]):
 
     def __repr__(self) -> str:
         return f"Flow({' >> '.join(s.name for s in self._stages)})"
+
+
+def _check_journal(journal: Any, key: Any) -> None:
+    if journal is None:
+        if key is not None:
+            raise ValueError("key= goes with journal=: it says which source items a journal has seen")
+        return
+    if not isinstance(journal, (str, os.PathLike)):
+        raise TypeError(f"journal must be a file path, got {journal!r}")
+    if key is not None and not callable(key):
+        raise TypeError(f"key must be callable (item -> a JSON value), got {key!r}")
+
+
+def _open_journal(journal: Any, key: Any) -> Journal | None:
+    _check_journal(journal, key)
+    if journal is None:
+        return None
+    book = Journal(journal, key)
+    book.open()
+    return book
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -185,6 +207,8 @@ class Pipeline(Generic[T_co]):
         stats_interval: float = 0.5,
         stats: bool = True,
         collect: Literal[True] = True,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], Any] | None = None,
     ) -> Result[list[T_co], PipelineError]: ...
     @overload
     async def run(
@@ -198,6 +222,8 @@ class Pipeline(Generic[T_co]):
         stats_interval: float = 0.5,
         stats: bool = True,
         collect: Literal[False],
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], Any] | None = None,
     ) -> Result[int, PipelineError]: ...
     async def run(
         self,
@@ -210,6 +236,8 @@ class Pipeline(Generic[T_co]):
         stats_interval: float = 0.5,
         stats: bool = True,
         collect: bool = True,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], Any] | None = None,
     ) -> Result[list[T_co], PipelineError] | Result[int, PipelineError]:
         """Run every item through every stage; ``Ok(outputs)`` or ``Err(PipelineError)``.
 
@@ -228,32 +256,45 @@ class Pipeline(Generic[T_co]):
         ``collect=False`` keeps no output: for a pipeline whose last stage writes its
         results somewhere, the run returns ``Ok(number of outputs)``, or an ``Err`` whose
         ``PipelineError`` has the failures and ``delivered`` (its ``outputs`` stay empty).
+
+        ``journal=PATH`` makes the run durable: the ``key(item)`` of every item the run
+        finished is appended to PATH, and a later run with the same journal skips the source
+        items whose key is there, so a killed run resumes where it stopped (``key`` defaults
+        to the item itself; keys are JSON values). A failed item is not recorded, and is
+        tried again next time. See ``pypline._journal`` for what "finished" means and the
+        fsync policy.
         """
         _check_bool("ordered", ordered)
         _check_bool("fail_fast", fail_fast)
         _check_bool("collect", collect)
         _check_executor(executor)
         _check_reporting(progress, on_stats, stats_interval, stats)
-        run = Run(
-            self._stages,
-            self._source,
-            ordered=ordered,
-            fail_fast=fail_fast,
-            streaming=False,
-            executor=executor,
-            timing=stats,
-       )
-        if not collect:
-            run.discard_outputs()
+        book = _open_journal(journal, key)
         try:
-            if await run.start():
-                run.start_reporting(on_stats, progress, stats_interval, sys.stderr)
-                await run.finished
-        finally:
+            run = Run(
+                self._stages,
+                self._source,
+                ordered=ordered,
+                fail_fast=fail_fast,
+                streaming=False,
+                executor=executor,
+                timing=stats,
+                journal=book,
+            )
+            if not collect:
+                run.discard_outputs()
             try:
-                await run.shutdown()
+                if await run.start():
+                    run.start_reporting(on_stats, progress, stats_interval, sys.stderr)
+                    await run.finished
             finally:
-                self._last_stats = await run.finish_reporting() if stats else None
+                try:
+                    await run.shutdown()
+                finally:
+                    self._last_stats = await run.finish_reporting() if stats else None
+        finally:
+            if book is not None:
+                book.close()
         return run.result()
 
     @overload
@@ -292,6 +333,8 @@ class Pipeline(Generic[T_co]):
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], Any] | None = None,
     ) -> PipelineIterator[T_co]:
         """The synchronous twin of ``stream()``: ``for r in pipeline.iter():`` yields one ``Result``
         per output, from plain code (a script, a notebook cell, a thread).
@@ -309,6 +352,8 @@ class Pipeline(Generic[T_co]):
             on_stats=on_stats,
             stats_interval=stats_interval,
             stats=stats,
+            journal=journal,
+            key=key,
         )
         return PipelineIterator(stream, LoopThread())
 
@@ -321,31 +366,64 @@ class Pipeline(Generic[T_co]):
         on_stats: Callable[[RunStatistics], None] | None = None,
         stats_interval: float = 0.5,
         stats: bool = True,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], Any] | None = None,
    ) -> PipelineStream[T_co]:
         """An async iterator of one ``Result`` per output: ``Ok(value)`` or ``Err(ItemFailure)``.
 
         A slow consumer slows the whole pipeline (the memory bound holds).
         ``ordered=True`` yields in source order through a bounded reorder window.
         Leave early with ``break`` or ``aclose()``; ``async with pipeline.stream() as s``
-        closes deterministically.
+        closes deterministically. ``journal`` and ``key`` as for ``run()``: an item's key is
+        written before its last output is handed to you.
         """
         _check_bool("ordered", ordered)
         _check_executor(executor)
         _check_reporting(progress, on_stats, stats_interval, stats)
-        return PipelineStream(self, ordered, executor, (progress, on_stats, stats_interval, stats))
+        _check_journal(journal, key)
+        return PipelineStream(self, ordered, executor, (progress, on_stats, stats_interval, stats), (journal, key))
 
 
 class PipelineStream(Generic[T_co]):
     """The async iterator returned by ``Pipeline.stream()``; also an async context manager."""
 
     def __init__(
-        self, pipeline: Pipeline[T_co], ordered: bool, executor: str | Backend | None, reporting: _Reporting
+        self,
+        pipeline: Pipeline[T_co],
+        ordered: bool,
+        executor: str | Backend | None,
+        reporting: _Reporting,
+        journal: tuple[Any, Any] = (None, None),
    ) -> None:
-        self._agen = self._results(pipeline, ordered, executor, reporting)
+        self._agen = self._results(pipeline, ordered, executor, reporting, journal)
 
     @staticmethod
     async def _results(
-        pipeline: Pipeline[T_co], ordered: bool, executor: str | Backend | None, reporting: _Reporting
+        pipeline: Pipeline[T_co],
+        ordered: bool,
+        executor: str | Backend | None,
+        reporting: _Reporting,
+        journal: tuple[Any, Any],
+   ) -> AsyncIterator[Result[T_co, ItemFailure]]:
+        book = _open_journal(*journal)
+        inner = PipelineStream._run(pipeline, ordered, executor, reporting, book)
+        try:
+            async for result in inner:
+                yield result
+        finally:
+            try:
+                await inner.aclose()  # type: ignore[attr-defined]  # the run shuts down first
+            finally:
+                if book is not None:
+                    book.close()
+
+    @staticmethod
+    async def _run(
+        pipeline: Pipeline[T_co],
+        ordered: bool,
+        executor: str | Backend | None,
+        reporting: _Reporting,
+        book: Journal | None,
    ) -> AsyncIterator[Result[T_co, ItemFailure]]:
         progress, on_stats, interval, stats = reporting
         run = Run(
@@ -356,6 +434,7 @@ class PipelineStream(Generic[T_co]):
             streaming=True,
             executor=executor,
             timing=stats,
+            journal=book,
        )
         try:
             if not await run.start():

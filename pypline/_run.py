@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 from ._config import current_settings, effective_agents
 from ._errors import ItemFailure, PipelineError, StageStartError
 from ._batch import Batched
+from ._journal import Journal
 from ._rate import RateLimited
 from ._progress import REFRESH_SECONDS, Display, ProgressChoice, make_display
 from ._registry import load_backend
@@ -206,6 +207,8 @@ class _Collector(Inbox):
         src.live -= 1
         env._job = None  # see _retire
         if not src.live:
+            if run.journal is not None:
+                run.journal.delivered(src.index)
             _retire(src)
             run._release()
 
@@ -220,6 +223,9 @@ class _Collector(Inbox):
         run.outputs.extend(map(_ITEM, envs))
         if run.ordered:
             run.keys.extend(map(_INDEX, envs))
+        if run.journal is not None:
+            for env in envs:
+                run.journal.delivered(env.index)
         for env in envs:  # see _retire
             env.live = 0
             env._job = None
@@ -259,6 +265,7 @@ class Run:
         "failures",
         "cause",
         "source_failure",
+        "journal",
         "ready",
         "consumer",
         "order",
@@ -299,11 +306,13 @@ class Run:
         streaming: bool,
         executor: str | Backend | None,
         timing: bool = True,
+        journal: Journal | None = None,
    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.timing = timing
         self.stages = stages
-        self.source = source
+        self.journal = journal
+        self.source = source if journal is None else journal.filter(source)
         self.ordered = ordered
         self.fail_fast = fail_fast
         self.streaming = streaming
@@ -667,6 +676,8 @@ class Run:
     def item_failed(self, env: Envelope, failure: ItemFailure) -> None:
         self.failed_count += 1
         src = env.src
+        if self.journal is not None:
+            self.journal.item_failed(src.index)
         if not self.streaming:
             self.failures.append(failure)
             if self.fail_fast:
@@ -692,10 +703,14 @@ class Run:
         if src.live:
             return
         if not self.streaming:
+            if self.journal is not None:
+                self.journal.delivered(src.index)
             _retire(src)
             self._release()
         elif not self.ordered:
             if src.pending == 0:
+                if self.journal is not None:
+                    self.journal.delivered(src.index)
                 _retire(src)
                 self._release()
         else:
@@ -715,6 +730,8 @@ class Run:
                 self.ready.append((head, result))
             woke = woke or bool(bucket)
             if not bucket:
+                if self.journal is not None:
+                    self.journal.delivered(head.index)
                 _retire(head)
                 self._release()
         if woke:
@@ -878,6 +895,8 @@ class Run:
         if src is not None:
             src.pending -= 1
             if src.pending == 0 and src.live == 0:
+                if self.journal is not None:  # written before the last output is handed over
+                    self.journal.delivered(src.index)
                 _retire(src)
                 self._release()
         return result

@@ -1,0 +1,144 @@
+"""Durable runs: ``run(journal="crawl.journal", key=lambda item: item["url"])`` resumes where a
+killed run stopped, and never delivers an item twice across the runs.
+
+::
+
+    open: read the journal ─► the keys already delivered (a torn last line is cut off)
+    source ─► key(item) in them? ─ yes ─► skipped (never enters the pipeline)
+                                  └ no ──► pulled; its key kept by source position
+    the item's last output delivered (and the item did not fail) ─► its key appended
+
+What "delivered" means: for ``stream()`` and ``iter()``, an item's key is written before
+its last output is handed to your loop; for ``run()``, when its last stage has finished
+with it (``run()``'s own list is lost with the process, so give a durable run a last
+stage that writes its results somewhere, and ``collect=False``). A failed item is not
+written: the next run tries it again.
+
+Durability: each key is written to the file at once (one ``write``), so a process killed
+with SIGKILL loses nothing the journal was given; ``fsync`` runs every ``SYNC_EVERY``
+keys and ``SYNC_SECONDS`` after the last one, and when the run ends, so a machine that
+loses power loses at most that much (those items are delivered again). Keys are JSON
+(strings, numbers, booleans, None, and lists of them); one per line, after a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Journal"]
+
+HEADER = "# pypline journal 1\n"
+SYNC_EVERY = 256
+SYNC_SECONDS = 0.2
+
+
+def _encode(key: Any) -> str:
+    try:
+        return json.dumps(key, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"a journal key must be JSON (a str, number, bool, None or a list of them), got {key!r}: {exc}"
+        ) from None
+
+
+class Journal:
+    """The keys of the items a run delivered, on disk; see the module docstring."""
+
+    def __init__(self, path: str | os.PathLike[str], key: Callable[[Any], Any] | None) -> None:
+        self.path = Path(path)
+        self.key = key if key is not None else (lambda item: item)
+        self.done: set[str] = set()
+        self.pending: dict[int, str] = {}  # source position -> key, while the item is in flight
+        self.failed: set[int] = set()
+        self.skipped = 0
+        self.written = 0
+        self.unsynced = 0
+        self.fd = -1
+        self.timer: asyncio.TimerHandle | None = None
+
+    def open(self) -> None:
+        """Read what earlier runs delivered and open the file for appending."""
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.startswith(HEADER.encode()):
+                raise ValueError(f"{self.path} is not a pypline journal (it does not start with {HEADER.strip()!r})")
+            end = data.rfind(b"\n") + 1
+            if end < len(data):  # a line torn by a crash: cut it off
+                os.truncate(self.path, end)
+            for line in data[len(HEADER) : end].decode("utf-8").splitlines():
+                if line:
+                    self.done.add(line)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if os.fstat(self.fd).st_size == 0:
+            os.write(self.fd, HEADER.encode())
+
+    # --- the source --------------------------------------------------------------------------
+
+    def _admit(self, position: int, item: Any) -> bool:
+        k = _encode(self.key(item))
+        if k in self.done:
+            self.skipped += 1
+            return False
+        self.pending[position] = k
+        return True
+
+    def filter(self, source: Any) -> Any:
+        """The source without the items already delivered (positions count what is left)."""
+        if hasattr(source, "__aiter__"):
+            return self._afilter(source)
+        return self._filter(source)
+
+    def _filter(self, source: Any) -> Iterator[Any]:
+        position = 0
+        for item in source:
+            if self._admit(position, item):
+                position += 1
+                yield item
+
+    async def _afilter(self, source: Any) -> AsyncIterator[Any]:
+        position = 0
+        async for item in source:
+            if self._admit(position, item):
+                position += 1
+                yield item
+
+    # --- delivery ------------------------------------------------------------------------------
+
+    def item_failed(self, position: int) -> None:
+        self.failed.add(position)
+
+    def delivered(self, position: int) -> None:
+        """The item at ``position`` left the pipeline: its key goes to the file unless it failed."""
+        k = self.pending.pop(position, None)
+        if position in self.failed:
+            self.failed.discard(position)
+            return
+        if k is None or k in self.done:
+            return
+        self.done.add(k)
+        os.write(self.fd, (k + "\n").encode())
+        self.written += 1
+        self.unsynced += 1
+        if self.unsynced >= SYNC_EVERY:
+            self.sync()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(SYNC_SECONDS, self.sync)
+
+    def sync(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.unsynced and self.fd >= 0:
+            os.fsync(self.fd)
+            self.unsynced = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.sync()
+            os.close(self.fd)
+            self.fd = -1
