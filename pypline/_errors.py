@@ -211,7 +211,9 @@ class PipelineError(Exception):
     not in ``failures`` (an error that would have been retried counts here too).
 
     ``delivered`` counts the outputs: ``len(outputs)``, or after ``run(collect=False)``
-    (which keeps no output, so ``outputs`` is empty) how many there were.
+    (which keeps no output, so ``outputs`` is empty) how many there were. ``failed``
+    counts the failed items: ``len(failures)``, or after ``run(on_failure=...)`` (which
+    sends them elsewhere and keeps only the first few here) how many there were.
     """
 
     failures: list[ItemFailure] = field(default_factory=list)
@@ -219,16 +221,22 @@ class PipelineError(Exception):
     cause: BaseException | None = None
     cancelled: int = 0
     delivered: int = -1
+    failed: int = -1
 
     def __post_init__(self) -> None:
         if self.delivered < 0:
             self.delivered = len(self.outputs)
+        if self.failed < 0:
+            self.failed = len(self.failures)
         Exception.__init__(self, str(self))
         if self.cause is not None:
             self.__cause__ = self.cause
 
     def __reduce__(self) -> Any:
-        return (PipelineError, (self.failures, self.outputs, self.cause, self.cancelled, self.delivered))
+        return (
+            PipelineError,
+            (self.failures, self.outputs, self.cause, self.cancelled, self.delivered, self.failed),
+        )
 
     def __repr__(self) -> str:
         # Bounded, whatever the run's size: the outputs are counted, not shown.
@@ -236,7 +244,7 @@ class PipelineError(Exception):
         cause = f", cause={self.cause!r}" if self.cause is not None else ""
         cancelled = f", cancelled={self.cancelled}" if self.cancelled else ""
         return (
-            f"PipelineError(failures={len(self.failures)}, outputs={self.delivered}"
+            f"PipelineError(failures={self.failed}, outputs={self.delivered}"
             f"{cancelled}{cause}{first})"
         )
 
@@ -249,7 +257,8 @@ class PipelineError(Exception):
             for f in self.failures:
                 per_stage[f.stage] = per_stage.get(f.stage, 0) + 1
             counts = ", ".join(f"{n} in {s!r}" for s, n in per_stage.items())
-            parts.append(f"{len(self.failures)} item(s) failed ({counts}); {self.delivered} output(s) succeeded")
+            kept = f" (the first {len(self.failures)} shown by stage)" if self.failed > len(self.failures) else ""
+            parts.append(f"{self.failed} item(s) failed{kept} ({counts}); {self.delivered} output(s) succeeded")
             parts.extend(f"  - {f}" for f in self.failures[:_SHOW_FAILURES])
             if len(self.failures) > _SHOW_FAILURES:
                 parts.append(f"  ... and {len(self.failures) - _SHOW_FAILURES} more")

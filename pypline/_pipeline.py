@@ -25,6 +25,7 @@ from typing import (
 )
 
 from ._errors import ItemFailure, PipelineError
+from ._deadletter import DeadLetters
 from ._journal import Journal
 from ._progress import ProgressChoice, check_progress
 from ._sync import LoopThread, PipelineIterator, run_in_thread
@@ -209,6 +210,7 @@ class Pipeline(Generic[T_co]):
         collect: Literal[True] = True,
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], Any] | None = None,
+        on_failure: Callable[[ItemFailure], Any] | str | os.PathLike[str] | None = None,
     ) -> Result[list[T_co], PipelineError]: ...
     @overload
     async def run(
@@ -224,6 +226,7 @@ class Pipeline(Generic[T_co]):
         collect: Literal[False],
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], Any] | None = None,
+        on_failure: Callable[[ItemFailure], Any] | str | os.PathLike[str] | None = None,
     ) -> Result[int, PipelineError]: ...
     async def run(
         self,
@@ -238,6 +241,7 @@ class Pipeline(Generic[T_co]):
         collect: bool = True,
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], Any] | None = None,
+        on_failure: Callable[[ItemFailure], Any] | str | os.PathLike[str] | None = None,
     ) -> Result[list[T_co], PipelineError] | Result[int, PipelineError]:
         """Run every item through every stage; ``Ok(outputs)`` or ``Err(PipelineError)``.
 
@@ -263,12 +267,18 @@ class Pipeline(Generic[T_co]):
         to the item itself; keys are JSON values). A failed item is not recorded, and is
         tried again next time. See ``pypline._journal`` for what "finished" means and the
         fsync policy.
+
+        ``on_failure`` takes each failed item's ``ItemFailure`` as it happens: a callable,
+        or a path of a JSON-lines file to append it to (a dead-letter file). The
+        ``PipelineError`` then keeps only the first 100 in ``failures`` and counts them
+        all in ``failed``, so a long run's failures do not pile up in memory.
         """
         _check_bool("ordered", ordered)
         _check_bool("fail_fast", fail_fast)
         _check_bool("collect", collect)
         _check_executor(executor)
         _check_reporting(progress, on_stats, stats_interval, stats)
+        letters = DeadLetters(on_failure) if on_failure is not None else None
         book = _open_journal(journal, key)
         try:
             run = Run(
@@ -280,6 +290,7 @@ class Pipeline(Generic[T_co]):
                 executor=executor,
                 timing=stats,
                 journal=book,
+                dead_letters=letters,
             )
             if not collect:
                 run.discard_outputs()
@@ -295,6 +306,8 @@ class Pipeline(Generic[T_co]):
         finally:
             if book is not None:
                 book.close()
+            if letters is not None:
+                letters.close()
         return run.result()
 
     @overload

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 from ._config import current_settings, effective_agents
 from ._errors import ItemFailure, PipelineError, StageStartError
 from ._batch import Batched
+from ._deadletter import FAILURES_KEPT, DeadLetters
 from ._journal import Journal
 from ._rate import RateLimited
 from ._progress import REFRESH_SECONDS, Display, ProgressChoice, make_display
@@ -266,6 +267,7 @@ class Run:
         "cause",
         "source_failure",
         "journal",
+        "dead_letters",
         "ready",
         "consumer",
         "order",
@@ -307,11 +309,13 @@ class Run:
         executor: str | Backend | None,
         timing: bool = True,
         journal: Journal | None = None,
+        dead_letters: DeadLetters | None = None,
    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.timing = timing
         self.stages = stages
         self.journal = journal
+        self.dead_letters = dead_letters
         self.source = source if journal is None else journal.filter(source)
         self.ordered = ordered
         self.fail_fast = fail_fast
@@ -679,7 +683,10 @@ class Run:
         if self.journal is not None:
             self.journal.item_failed(src.index)
         if not self.streaming:
-            self.failures.append(failure)
+            letters = self.dead_letters
+            # With on_failure, memory keeps the first few (and any it could not take).
+            if letters is None or not letters.send(failure) or len(self.failures) < FAILURES_KEPT:
+                self.failures.append(failure)
             if self.fail_fast:
                 self._abort()
         else:
@@ -855,14 +862,14 @@ class Run:
         outputs = self.outputs
         if type(outputs) is _Counted:
             n = outputs.n
-            if self.failures or self.cause is not None:
+            if self.failed_count or self.cause is not None:
                 return Err(self._error([], n))
             return Ok(n)
         if self.ordered:
             keys = self.keys
             order = sorted(range(len(keys)), key=keys.__getitem__)
             outputs = list(map(outputs.__getitem__, order))
-        if self.failures or self.cause is not None:
+        if self.failed_count or self.cause is not None:
             return Err(self._error(outputs, len(outputs)))
         return Ok(outputs)
 
@@ -876,7 +883,14 @@ class Run:
             failures.remove(first)
             failures.insert(0, first)
             cancelled = self.bound - self.permits
-        return PipelineError(failures=failures, outputs=outputs, cause=self.cause, cancelled=cancelled, delivered=delivered)
+        return PipelineError(
+            failures=failures,
+            outputs=outputs,
+            cause=self.cause,
+            cancelled=cancelled,
+            delivered=delivered,
+            failed=self.failed_count,
+        )
 
     def discard_outputs(self) -> None:
         """``run(collect=False)``: count the outputs, keep none (nor their order)."""
