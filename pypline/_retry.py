@@ -9,7 +9,7 @@
 
 Rules: ``retries`` is the TOTAL number of attempts; only exceptions matching ``retry_on``
 are retried (instances of its classes, or those its predicate returns True for; a
-predicate that raises means "do not retry"); with ``backoff=b`` attempt n+1 waits ``b * 2**(n-1)`` seconds plus up to
+predicate that raises means "do not retry"); the nominal delay is capped at ``max_backoff``; with ``backoff=b`` attempt n+1 waits ``b * 2**(n-1)`` seconds plus up to
 ``JITTER`` of that more (random, so the retries of items that failed together spread
 out, never sooner than the documented delay). The random source is injected, so the
 schedule is tested without waiting.
@@ -37,6 +37,7 @@ class RetryPolicy:
     retries: int
     retry_on: tuple[type[BaseException], ...] | Callable[[BaseException], bool]
     backoff: float = 0.0
+    max_backoff: float = float("inf")
     random: Callable[[], float] = field(default=random.random, compare=False)
 
     def matches(self, exc: BaseException) -> bool:
@@ -57,5 +58,5 @@ class RetryPolicy:
             return None
         if self.backoff <= 0:
             return 0.0
-        delay: float = self.backoff * 2 ** (number - 1) * (1 + JITTER * self.random())
+        delay: float = min(self.backoff * 2 ** (number - 1), self.max_backoff) * (1 + JITTER * self.random())
         return delay

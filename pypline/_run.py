@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 from ._config import current_settings, effective_agents
 from ._errors import ItemFailure, PipelineError, StageStartError
 from ._batch import Batched
+from ._breaker import Breaker
+from ._retry import RetryPolicy
 from ._deadletter import FAILURES_KEPT, DeadLetters
 from ._journal import Journal
 from ._rate import RateLimited
@@ -409,6 +411,10 @@ class Run:
                     ex = RateLimited(ex, *spec.rate)  # counts calls (of batches, in a batch stage)
                 if spec.batch is not None:
                     ex = Batched(ex, spec.batch, spec.batch_wait)
+                if spec.pause_after is not None:
+                    first_pause = min(spec.backoff or 1.0, spec.max_backoff)
+                    retryable = RetryPolicy(spec.retries, spec.retry_on).matches
+                    ex = Breaker(ex, spec.pause_after, first_pause, spec.max_backoff, retryable)
                 self.executors.append(ex)
             # Runners are built back to front so each knows its downstream hop.
             nxt: Inbox = collector

@@ -104,6 +104,8 @@ class StageSpec:
     rate: tuple[int, float] | None = None  # at most rate[0] attempts started per rate[1] seconds
     batch: int | None = None  # the function takes lists of up to this many items (_batch.py)
     batch_wait: float = 0.05  # seconds a partial batch waits for more items
+    pause_after: int | None = None  # retryable failures in a row that pause dispatch (_breaker.py)
+    max_backoff: float = 60.0  # longest wait between attempts, and longest pause
 
     @property
     def num_workers(self) -> int:
@@ -270,6 +272,8 @@ def _check_common(
     retry_on: Any,
     name: Any,
     rate: Any = None,
+    pause_after: Any = None,
+    max_backoff: Any = 60.0,
 ) -> dict[str, Any]:
     if not isinstance(multi_proc, bool):
         raise TypeError(f"multi_proc must be a bool, got {multi_proc!r}")
@@ -288,6 +292,8 @@ def _check_common(
         "backoff": _check_number("backoff", backoff, allow_none=False, positive=False),
         "retry_on": _check_retry_on(retry_on),
         "rate": _check_rate(rate),
+        "pause_after": None if pause_after is None else _check_int("pause_after", pause_after, 1),
+        "max_backoff": _check_number("max_backoff", max_backoff, allow_none=False, positive=True),
     }
 
 
@@ -341,6 +347,8 @@ def work_pool(
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
     rate: tuple[int, float] | None = None,
+    pause_after: int | None = None,
+    max_backoff: float = 60.0,
     batch: int | None = None,
     batch_wait: float = 0.05,
 ) -> StageDecorator: ...
@@ -359,6 +367,8 @@ def work_pool(
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
     rate: tuple[int, float] | None = None,
+    pause_after: int | None = None,
+    max_backoff: float = 60.0,
     batch: int | None = None,
     batch_wait: float = 0.05,
 ) -> ForkDecorator[M]: ...
@@ -378,6 +388,8 @@ def work_pool(
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
     rate: tuple[int, float] | None = None,
+    pause_after: int | None = None,
+    max_backoff: float = 60.0,
     batch: int | None = None,
     batch_wait: float = 0.05,
 ) -> Stage[Any, Any] | Callable[[Callable[..., Any]], Stage[Any, Any]]:
@@ -408,6 +420,8 @@ def work_pool(
         retry_on=retry_on,
         name=name,
         rate=rate,
+        pause_after=pause_after,
+        max_backoff=max_backoff,
     )
     workers = _check_int("num_workers", num_workers, 1)
     if batch is not None:
@@ -449,6 +463,8 @@ def mix_pool(
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
     rate: tuple[int, float] | None = None,
+    pause_after: int | None = None,
+    max_backoff: float = 60.0,
 ) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]: ...
 @overload
 def mix_pool(
@@ -464,6 +480,8 @@ def mix_pool(
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
     rate: tuple[int, float] | None = None,
+    pause_after: int | None = None,
+    max_backoff: float = 60.0,
 ) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, M]]: ...
 
 
@@ -480,6 +498,8 @@ def mix_pool(
     retry_on: RetryOn = (Exception,),
     name: str | None = None,
     rate: tuple[int, float] | None = None,
+    pause_after: int | None = None,
+    max_backoff: float = 60.0,
 ) -> Stage[Any, Any] | Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]:
     """Make a stage whose workers are different functions.
 
@@ -497,6 +517,8 @@ def mix_pool(
         retry_on=retry_on,
         name=name,
         rate=rate,
+        pause_after=pause_after,
+        max_backoff=max_backoff,
     )
 
     def decorate(f: Callable[[], Sequence[Callable[..., Any]]]) -> Stage[Any, Any]:

@@ -266,7 +266,7 @@ class StageRunner(Inbox, OutcomeSink):
         self.gen_workers = [w.kind.is_generator for w in spec.workers]
         self.retries = spec.retries
         self.retry_on = spec.retry_on
-        self.policy = RetryPolicy(spec.retries, spec.retry_on, spec.backoff)
+        self.policy = RetryPolicy(spec.retries, spec.retry_on, spec.backoff, spec.max_backoff)
         self.timing = run.timing
         self.closing_stats: ExecutorStatistics | None = None  # taken just before the executor closes
 

@@ -684,3 +684,37 @@ def test_batch_stages_on_every_backend(backend_factory: Callable[[], Backend], a
     assert err.outputs == [x + 100 for x in range(12) if x != 5]
     [failure] = err.failures
     assert failure.item == 5 and failure.attempts == 2 and isinstance(failure.error, ValueError)
+
+
+def refused_for_a_while(item: tuple[int, float]) -> int:
+    import time
+
+    x, down_until = item
+    if time.time() < down_until:  # the dependency is down until then (one clock for every process here)
+        raise ConnectionError("refused")
+    return x
+
+
+def test_breaker_pauses_and_recovers_on_every_backend(backend_factory: Callable[[], Backend], arun: Any) -> None:
+    """pause_after is the engine's: on every backend a stage whose calls fail for a while
+    pauses, probes and finishes every item."""
+    import time
+
+    from pypline import Pipeline
+    from pypline.util import unwrap
+
+    stage = work_pool(refused_for_a_while, multi_proc=True, num_workers=2, retries=100, backoff=0.02,
+                      max_backoff=0.1, pause_after=2)
+
+    async def items() -> Any:
+        down_until = time.time() + 0.5  # first pulled once the stage has started: its start-up is not counted
+        for x in range(10):
+            yield x, down_until
+
+    async def main() -> Any:
+        p = Pipeline(items()) >> stage
+        return p, await p.run(executor=backend_factory())
+
+    p, result = arun(main(), timeout=60)
+    assert unwrap(result) == list(range(10))
+    assert p.last_stats is not None and p.last_stats.stages[0].details["breaker_trips"] >= 1
