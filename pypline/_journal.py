@@ -14,10 +14,12 @@ with it (``run()``'s own list is lost with the process, so give a durable run a 
 stage that writes its results somewhere, and ``collect=False``). A failed item is not
 written: the next run tries it again.
 
-Durability: each key is written to the file at once (one ``write``), so a process killed
-with SIGKILL loses nothing the journal was given; ``fsync`` runs every ``SYNC_EVERY``
-keys and ``SYNC_SECONDS`` after the last one, and when the run ends, so a machine that
-loses power loses at most that much (those items are delivered again). Keys are JSON
+Durability: keys are written to the file (one ``write`` for all the keys of a loop
+iteration) before the outputs they stand for are handed to your loop, and, for ``run()``,
+at the end of the loop iteration in which their items finished; so a process killed with
+SIGKILL loses no key of an output it handed over. ``fsync`` runs every ``SYNC_EVERY``
+keys, ``SYNC_SECONDS`` after the last one, and when the run ends, so a machine that loses
+power loses at most that much (those items are delivered again). Keys are JSON
 (strings, numbers, booleans, None, and lists of them); one per line, after a header.
 """
 
@@ -38,6 +40,11 @@ SYNC_SECONDS = 0.2
 
 
 def _encode(key: Any) -> str:
+    t = type(key)
+    if t is int:
+        return str(key)
+    if t is str:
+        return json.dumps(key)
     try:
         return json.dumps(key, separators=(",", ":"), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -60,6 +67,8 @@ class Journal:
         self.unsynced = 0
         self.fd = -1
         self.timer: asyncio.TimerHandle | None = None
+        self.lines: list[str] = []  # keys not yet written
+        self.write_due = False
 
     def open(self) -> None:
         """Read what earlier runs delivered and open the file for appending."""
@@ -121,9 +130,22 @@ class Journal:
         if k is None or k in self.done:
             return
         self.done.add(k)
-        os.write(self.fd, (k + "\n").encode())
-        self.written += 1
-        self.unsynced += 1
+        self.lines.append(k)
+        if not self.write_due:
+            self.write_due = True
+            asyncio.get_running_loop().call_soon(self.write)
+
+    def write(self) -> None:
+        """Write the keys gathered so far (before an output is handed over, and at the end of
+        every loop iteration that gathered some)."""
+        self.write_due = False
+        lines = self.lines
+        if not lines or self.fd < 0:
+            return
+        self.lines = []
+        os.write(self.fd, ("\n".join(lines) + "\n").encode())
+        self.written += len(lines)
+        self.unsynced += len(lines)
         if self.unsynced >= SYNC_EVERY:
             self.sync()
         elif self.timer is None:
@@ -139,6 +161,7 @@ class Journal:
 
     def close(self) -> None:
         if self.fd >= 0:
+            self.write()
             self.sync()
             os.close(self.fd)
             self.fd = -1

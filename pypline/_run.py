@@ -915,8 +915,10 @@ class Run:
         if src is not None:
             src.pending -= 1
             if src.pending == 0 and src.live == 0:
-                if self.journal is not None:  # written before the last output is handed over
+                if self.journal is not None:
                     self.journal.delivered(src.index)
                 _retire(src)
                 self._release()
+        if self.journal is not None:
+            self.journal.write()  # every key of what was delivered is in the file before it is handed over
         return result
