@@ -20,7 +20,9 @@ every backend, and the engine keeps doing per item what it does everywhere: an i
 attempts, ``retry_on`` and backoff, ``max_lost``, the memory bound (a batch holds items
 the stage already counts). A failing batch is split without using anyone's attempt: an
 item's attempt is used only when it fails on its own (then the engine decides about
-its retry, which joins a later batch). A function that returns a list of another length
+its retry, which joins a later batch). While a service is down, every call fails and
+the halves multiply the calls (at most twice as many as calling per item): give such a
+stage ``pause_after=``, whose breaker counts calls and stops them during the outage. A function that returns a list of another length
 fails every item of that call with a ``TypeError`` saying so.
 """
 

@@ -32,6 +32,7 @@ KEY_LINES = {
     "sync_stages": "ran in worker threads: True",
     "multi_host": "all results match a local run: True",
     "watching": "600 outputs",
+    "resilient_ingest": "every record handled exactly once: True",
     "on_dask": "dask results match a local run: True",
     "on_ray": "ray results match a local run: True",
 }
