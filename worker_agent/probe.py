@@ -76,7 +76,12 @@ async def probe(
         mine = P.local_versions()
         fields = {**mine, "hb": timeout, "hello": 1, "role": "cli"}
         t0 = time.perf_counter()
-        await sock.send_multipart([P.header(P.HELLO, **fields)])
+        try:
+            # A DEALER with no connection at the moment (its handshake was just refused, say)
+            # holds a send back: never longer than the probe's timeout.
+            await asyncio.wait_for(sock.send_multipart([P.header(P.HELLO, **fields)]), timeout)
+        except asyncio.TimeoutError:
+            pass  # _expect reports why (a refused key) or that nothing answered
         hello = await _expect(sock, (P.HELLO_OK, P.ERROR), timeout, endpoint, monitor=monitor, keys=keys)
         if hello["t"] == P.ERROR:
             raise ProbeError(f"{endpoint} refused: {hello['message']}", unhealthy=True)
