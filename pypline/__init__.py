@@ -8,6 +8,10 @@ The layers, each importing only the ones above it::
       _pipeline.py                Pipeline / Flow composition, run / run_sync / stream / iter
       _sync.py                    iter() and run_sync() from synchronous code (a private loop thread)
       _run.py                     one run: admission permits, stage runners, ordering, shutdown
+      _wrap.py                    engine-side stand-ins in front of a backend's executor:
+        _rate.py, _breaker.py,      rate limits, the circuit breaker, batch stages
+        _batch.py
+      _journal.py, _deadletter.py durable runs (resume from a journal), failures sent elsewhere
       executor.py                 the Executor contract backends implement (public)
       _registry.py                backend name -> Backend class, lazily, then entry points
       _config.py                  configure() and PYPLINE_* environment variables

@@ -33,7 +33,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from .executor import Attempt, Executor, ExecutorStatistics, OutcomeSink, StageSpec
+from ._wrap import ExecutorWrapper
+from .executor import Attempt, Executor
 
 __all__ = ["Batched"]
 
@@ -48,25 +49,20 @@ class _Call(Attempt):
         self.members = members
 
 
-class Batched(Executor, OutcomeSink):
+class Batched(ExecutorWrapper):
     """An executor's stand-in that calls the stage's function with lists of items."""
 
     def __init__(self, inner: Executor, batch: int, wait: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.batch = batch
         self.wait = wait
         self.gathering: list[Attempt] = []  # items waiting for their batch to fill
         self.splits: deque[_Call] = deque()  # halves of failed batches, to call again
         self.timer: asyncio.TimerHandle | None = None
-        self.sink: OutcomeSink | None = None
         self.calls = 0
         self.split_calls = 0
 
     # --- Executor ----------------------------------------------------------------------------
-
-    async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
-        self.sink = sink
-        await self.inner.start(spec, self)
 
     def capacity(self) -> int:
         """Items the engine may hand over: what fills the calls the executor can take now."""
@@ -80,9 +76,6 @@ class Batched(Executor, OutcomeSink):
             self._call(_Call(full))
         if self.gathering and self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(self.wait, self._waited)
-
-    def submit_one(self, attempt: Attempt) -> None:
-        self.submit((attempt,))
 
     def _waited(self) -> None:
         """``batch_wait`` passed: call with what has gathered."""
@@ -102,32 +95,13 @@ class Batched(Executor, OutcomeSink):
         while self.splits and self.inner.capacity() > 0:
             self._call(self.splits.popleft())
 
-    def flush(self) -> None:
-        self.inner.flush()
-
-    async def aclose(self) -> None:
+    def stop_timers(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.sink = None
-        await self.inner.aclose()
 
-    def statistics(self) -> ExecutorStatistics:
-        s = self.inner.statistics()
-        details = {**s.details, "batch": self.batch, "batch_calls": self.calls, "batch_split_calls": self.split_calls}
-        return ExecutorStatistics(
-            backend=s.backend,
-            workers=s.workers,
-            capacity=self.capacity(),
-            submitted=s.submitted,
-            completed=s.completed,
-            workers_replaced=s.workers_replaced,
-            running=s.running,
-            busy_seconds=s.busy_seconds,
-            latencies=s.latencies,
-            details=details,
-            cpu_share=s.cpu_share,
-        )
+    def extra_details(self) -> dict[str, Any]:
+        return {"batch": self.batch, "batch_calls": self.calls, "batch_split_calls": self.split_calls}
 
     # --- OutcomeSink: one call's outcome, reported per item ----------------------------------
 
@@ -177,8 +151,7 @@ class Batched(Executor, OutcomeSink):
 
     def capacity_changed(self) -> None:
         self._pump_splits()
-        if self.sink is not None:
-            self.sink.capacity_changed()
+        super().capacity_changed()
 
     def _after_call(self) -> None:
         self._pump_splits()

@@ -25,14 +25,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .executor import Attempt, Executor, ExecutorStatistics, OutcomeSink, StageSpec
+from ._wrap import ExecutorWrapper
+from .executor import Attempt, Executor
 
 __all__ = ["Breaker"]
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
 
-class Breaker(Executor, OutcomeSink):
+class Breaker(ExecutorWrapper):
     """An executor's stand-in that pauses dispatch after ``pause_after`` failures in a row."""
 
     def __init__(
@@ -43,7 +44,7 @@ class Breaker(Executor, OutcomeSink):
         max_pause: float,
         retryable: Callable[[BaseException], bool],
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.pause_after = pause_after
         self.first_pause = first_pause
         self.max_pause = max_pause
@@ -56,13 +57,8 @@ class Breaker(Executor, OutcomeSink):
         self.opened_at = 0.0
         self.paused_s = 0.0
         self.trips = 0
-        self.sink: OutcomeSink | None = None
 
     # --- Executor ----------------------------------------------------------------------------
-
-    async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
-        self.sink = sink
-        await self.inner.start(spec, self)
 
     def capacity(self) -> int:
         if self.state == OPEN:
@@ -76,33 +72,14 @@ class Breaker(Executor, OutcomeSink):
             self.probe = attempts[0]
         self.inner.submit(attempts)
 
-    def flush(self) -> None:
-        self.inner.flush()
-
-    async def aclose(self) -> None:
+    def stop_timers(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.sink = None
-        await self.inner.aclose()
 
-    def statistics(self) -> ExecutorStatistics:
-        s = self.inner.statistics()
+    def extra_details(self) -> dict[str, Any]:
         paused = self.paused_s + (time.monotonic() - self.opened_at if self.state == OPEN else 0.0)
-        details = {**s.details, "breaker": self.state, "breaker_trips": self.trips, "paused_s": round(paused, 3)}
-        return ExecutorStatistics(
-            backend=s.backend,
-            workers=s.workers,
-            capacity=self.capacity(),
-            submitted=s.submitted,
-            completed=s.completed,
-            workers_replaced=s.workers_replaced,
-            running=s.running,
-            busy_seconds=s.busy_seconds,
-            latencies=s.latencies,
-            details=details,
-            cpu_share=s.cpu_share,
-        )
+        return {"breaker": self.state, "breaker_trips": self.trips, "paused_s": round(paused, 3)}
 
     # --- the breaker -------------------------------------------------------------------------
 
@@ -146,29 +123,17 @@ class Breaker(Executor, OutcomeSink):
 
     def ok(self, attempt: Attempt, value: Any) -> None:
         self._succeeded()
-        if self.sink is not None:
-            self.sink.ok(attempt, value)
+        super().ok(attempt, value)
 
     def ok_many(self, attempts: Sequence[Attempt], values: Sequence[Any]) -> None:
         self._succeeded()
-        if self.sink is not None:
-            self.sink.ok_many(attempts, values)
+        super().ok_many(attempts, values)
 
     def error(self, attempt: Attempt, exc: BaseException) -> None:
         self._failed(attempt, exc)
-        if self.sink is not None:
-            self.sink.error(attempt, exc)
+        super().error(attempt, exc)
 
     def lost(self, attempt: Attempt, where: str) -> None:
         if attempt is self.probe:
             self.probe = None  # not the dependency's fault: probe again
-        if self.sink is not None:
-            self.sink.lost(attempt, where)
-
-    async def emit(self, attempt: Attempt, value: Any) -> None:
-        if self.sink is not None:
-            await self.sink.emit(attempt, value)
-
-    def capacity_changed(self) -> None:
-        if self.sink is not None:
-            self.sink.capacity_changed()
+        super().lost(attempt, where)

@@ -33,16 +33,17 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .executor import Attempt, Executor, ExecutorStatistics, OutcomeSink, StageSpec
+from ._wrap import ExecutorWrapper
+from .executor import Attempt, Executor, OutcomeSink, StageSpec
 
 __all__ = ["RateLimited"]
 
 
-class RateLimited(Executor, OutcomeSink):
+class RateLimited(ExecutorWrapper):
     """An executor's stand-in that admits attempts at most ``n`` per ``per`` seconds."""
 
     def __init__(self, inner: Executor, n: int, per: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.n = n
         self.per = per
         self.interval = per / n
@@ -51,7 +52,6 @@ class RateLimited(Executor, OutcomeSink):
         self.starts: deque[float] = deque(maxlen=n)  # the last n starts
         self.out: set[int] = set()  # ids of the attempts handed over and not ended
         self.workers = 1
-        self.sink: OutcomeSink | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.blocked_since: float | None = None
         self.waited = 0.0
@@ -73,9 +73,8 @@ class RateLimited(Executor, OutcomeSink):
     # --- Executor ----------------------------------------------------------------------------
 
     async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
-        self.sink = sink
         self.workers = spec.num_workers
-        await self.inner.start(spec, self)
+        await super().start(spec, sink)
 
     def capacity(self) -> int:
         if min(self.inner.capacity(), self.workers - len(self.out)) <= 0:
@@ -102,63 +101,29 @@ class RateLimited(Executor, OutcomeSink):
         self.out.update(map(id, attempts))
         self.inner.submit(attempts)
 
-    def submit_one(self, attempt: Attempt) -> None:
-        self.submit((attempt,))
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    async def aclose(self) -> None:
+    def stop_timers(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.sink = None
-        await self.inner.aclose()
 
-    def statistics(self) -> ExecutorStatistics:
-        s = self.inner.statistics()
+    def extra_details(self) -> dict[str, Any]:
         waited = self.waited + (self.clock() - self.blocked_since if self.blocked_since is not None else 0.0)
-        details = {**s.details, "rate": f"{self.n} per {self.per:g} s", "rate_waited_s": round(waited, 3)}
-        return ExecutorStatistics(
-            backend=s.backend,
-            workers=s.workers,
-            capacity=self.capacity(),
-            submitted=s.submitted,
-            completed=s.completed,
-            workers_replaced=s.workers_replaced,
-            running=s.running,
-            busy_seconds=s.busy_seconds,
-            latencies=s.latencies,
-            details=details,
-            cpu_share=s.cpu_share,
-        )
+        return {"rate": f"{self.n} per {self.per:g} s", "rate_waited_s": round(waited, 3)}
 
     # --- OutcomeSink: the executor's reports, passed on --------------------------------------
 
     def ok(self, attempt: Attempt, value: Any) -> None:
         self.out.discard(id(attempt))
-        if self.sink is not None:
-            self.sink.ok(attempt, value)
+        super().ok(attempt, value)
 
     def ok_many(self, attempts: Sequence[Attempt], values: Sequence[Any]) -> None:
         self.out.difference_update(map(id, attempts))
-        if self.sink is not None:
-            self.sink.ok_many(attempts, values)
+        super().ok_many(attempts, values)
 
     def error(self, attempt: Attempt, exc: BaseException) -> None:
         self.out.discard(id(attempt))
-        if self.sink is not None:
-            self.sink.error(attempt, exc)
+        super().error(attempt, exc)
 
     def lost(self, attempt: Attempt, where: str) -> None:
         self.out.discard(id(attempt))
-        if self.sink is not None:
-            self.sink.lost(attempt, where)
-
-    async def emit(self, attempt: Attempt, value: Any) -> None:
-        if self.sink is not None:
-            await self.sink.emit(attempt, value)
-
-    def capacity_changed(self) -> None:
-        if self.sink is not None:
-            self.sink.capacity_changed()
+        super().lost(attempt, where)
