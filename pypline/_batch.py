@@ -58,7 +58,6 @@ class Batched(ExecutorWrapper):
         self.wait = wait
         self.gathering: list[Attempt] = []  # items waiting for their batch to fill
         self.splits: deque[_Call] = deque()  # halves of failed batches, to call again
-        self.timer: asyncio.TimerHandle | None = None
         self.calls = 0
         self.split_calls = 0
 
@@ -94,11 +93,6 @@ class Batched(ExecutorWrapper):
     def _pump_splits(self) -> None:
         while self.splits and self.inner.capacity() > 0:
             self._call(self.splits.popleft())
-
-    def stop_timers(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def extra_details(self) -> dict[str, Any]:
         return {"batch": self.batch, "batch_calls": self.calls, "batch_split_calls": self.split_calls}

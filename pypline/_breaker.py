@@ -53,7 +53,6 @@ class Breaker(ExecutorWrapper):
         self.failures_in_a_row = 0
         self.pause = first_pause
         self.probe: Attempt | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.opened_at = 0.0
         self.paused_s = 0.0
         self.trips = 0
@@ -71,11 +70,6 @@ class Breaker(ExecutorWrapper):
         if self.state == HALF_OPEN and self.probe is None:
             self.probe = attempts[0]
         self.inner.submit(attempts)
-
-    def stop_timers(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def extra_details(self) -> dict[str, Any]:
         paused = self.paused_s + (time.monotonic() - self.opened_at if self.state == OPEN else 0.0)

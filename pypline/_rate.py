@@ -52,7 +52,6 @@ class RateLimited(ExecutorWrapper):
         self.starts: deque[float] = deque(maxlen=n)  # the last n starts
         self.out: set[int] = set()  # ids of the attempts handed over and not ended
         self.workers = 1
-        self.timer: asyncio.TimerHandle | None = None
         self.blocked_since: float | None = None
         self.waited = 0.0
 
@@ -100,11 +99,6 @@ class RateLimited(ExecutorWrapper):
         self.starts.extend([now] * len(attempts))
         self.out.update(map(id, attempts))
         self.inner.submit(attempts)
-
-    def stop_timers(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def extra_details(self) -> dict[str, Any]:
         waited = self.waited + (self.clock() - self.blocked_since if self.blocked_since is not None else 0.0)

@@ -13,6 +13,7 @@ adds its figures to the statistics' ``details`` through ``extra_details()``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,7 @@ class ExecutorWrapper(Executor, OutcomeSink):
     def __init__(self, inner: Executor) -> None:
         self.inner = inner
         self.sink: OutcomeSink | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the wrapper's one timer, if it needs one
 
     # --- Executor ----------------------------------------------------------------------------
 
@@ -48,7 +50,10 @@ class ExecutorWrapper(Executor, OutcomeSink):
         self.inner.flush()
 
     def stop_timers(self) -> None:
-        """Cancel the wrapper's own timers (called first by ``aclose``)."""
+        """Cancel the wrapper's timer (called first by ``aclose``)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     async def aclose(self) -> None:
         self.stop_timers()
