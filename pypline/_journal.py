@@ -21,6 +21,9 @@ SIGKILL loses no key of an output it handed over. ``fsync`` runs every ``SYNC_EV
 keys, ``SYNC_SECONDS`` after the last one, and when the run ends, so a machine that loses
 power loses at most that much (those items are delivered again). Keys are JSON
 (strings, numbers, booleans, None, and lists of them); one per line, after a header.
+Keys are meant to be unique in a source: an item whose key an earlier run recorded is
+skipped, while two items of one run with the same key both go through (the run keeps
+the keys of earlier runs in memory, not its own).
 """
 
 from __future__ import annotations
@@ -35,8 +38,12 @@ from typing import Any
 __all__ = ["Journal"]
 
 HEADER = "# pypline journal 1\n"
-SYNC_EVERY = 256
+SYNC_EVERY = 65536
 SYNC_SECONDS = 0.2
+
+
+def _same(item: Any) -> Any:
+    return item
 
 
 def _encode(key: Any) -> str:
@@ -58,7 +65,7 @@ class Journal:
 
     def __init__(self, path: str | os.PathLike[str], key: Callable[[Any], Any] | None) -> None:
         self.path = Path(path)
-        self.key = key if key is not None else (lambda item: item)
+        self.key: Callable[[Any], Any] = key if key is not None else _same
         self.done: set[str] = set()
         self.pending: dict[int, str] = {}  # source position -> key, while the item is in flight
         self.failed: set[int] = set()
@@ -104,10 +111,15 @@ class Journal:
 
     def _filter(self, source: Any) -> Iterator[Any]:
         position = 0
+        key, done, pending = self.key, self.done, self.pending
         for item in source:
-            if self._admit(position, item):
-                position += 1
-                yield item
+            k = _encode(key(item))
+            if k in done:
+                self.skipped += 1
+                continue
+            pending[position] = k
+            position += 1
+            yield item
 
     async def _afilter(self, source: Any) -> AsyncIterator[Any]:
         position = 0
@@ -124,12 +136,11 @@ class Journal:
     def delivered(self, position: int) -> None:
         """The item at ``position`` left the pipeline: its key goes to the file unless it failed."""
         k = self.pending.pop(position, None)
-        if position in self.failed:
+        if self.failed and position in self.failed:
             self.failed.discard(position)
             return
-        if k is None or k in self.done:
+        if k is None:
             return
-        self.done.add(k)
         self.lines.append(k)
         if not self.write_due:
             self.write_due = True
