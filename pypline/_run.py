@@ -408,11 +408,11 @@ class Run:
                 stage = spec.name
                 ex = backend.executor(spec)
                 # Engine-side wrappers, innermost first; each counts calls (of batches, in a batch stage).
-                retryable = RetryPolicy(spec.retries, spec.retry_on).matches
                 if spec.rate is not None:
                     ex = RateLimited(ex, *spec.rate)
                 if spec.pause_after is not None:
                     first_pause = min(spec.backoff or 1.0, spec.max_backoff)
+                    retryable = RetryPolicy(spec.retries, spec.retry_on).matches
                     ex = Breaker(ex, spec.pause_after, first_pause, spec.max_backoff, retryable)
                 if spec.batch is not None:
                     ex = Batched(ex, spec.batch, spec.batch_wait)

@@ -39,12 +39,10 @@ MAX_PARKED = 16
 class SinkProxy(OutcomeSink):
     """Forwards an executor's reports to its current owner; drops them while it has none."""
 
-    __slots__ = ("target", "service")
+    __slots__ = ("target",)
 
     def __init__(self) -> None:
         self.target: OutcomeSink | None = None
-        #: The last owner's measured seconds per call, for the next owner to start from.
-        self.service: float | None = None
 
     def ok(self, attempt: Attempt, value: Any) -> None:
         t = self.target

@@ -22,9 +22,9 @@ at most ``workers x depth`` of them in the executor, where ``depth`` is how many
 cover ``TARGET_QUEUE_S`` of work at the measured time per call (1 for calls of
 ``TARGET_QUEUE_S`` or more, and until a call has been timed; up to ``MAX_DEPTH`` for
 microsecond calls, so they travel in batches); the rest waits in the host's queue,
-from which a drain hands it back at once. The window is that plus a prefetch: three
-times as much again for fast calls (batches in transit while one is computed; measured
-on W5), a single task for slow ones. So a client never parks a pile of slow items behind one agent's busy workers
+from which a drain hands it back at once. The window is that plus a prefetch: as much
+again for fast calls (a batch in transit while one is computed), a single task for slow
+ones. So a client never parks a pile of slow items behind one agent's busy workers
 while another agent has free ones. The window is also capped by the agent's memory
 budget (``serve --max-memory``): the bytes of every task held, across all sessions,
 stay under it, give or take one task per stage (a stage holding nothing may always
@@ -118,7 +118,7 @@ class StageHost(OutcomeSink):
         self.emit_waiters: list[asyncio.Future[None]] = []
         self.received = 0
         self.completed = 0
-        self.service: float | None = proxy.service  # measured seconds per call (EWMA); a warm executor's last
+        self.service: float | None = None  # measured seconds per call (EWMA)
         self.held_bytes = 0  # wire bytes of the tasks queued and running here
         self.task_bytes = 0  # the largest task received so far (bytes on the wire)
 
@@ -135,7 +135,7 @@ class StageHost(OutcomeSink):
             return 0
         depth = self.depth()
         in_executor = self.spec.num_workers * depth
-        window = in_executor + (3 * in_executor if depth > 1 else 1)
+        window = in_executor + (in_executor if depth > 1 else 1)
         held = len(self.queue) + len(self.running)
         if self.task_bytes:
             room = max(0, self.agent.config.max_memory - self.agent.held_bytes) // self.task_bytes
@@ -366,7 +366,6 @@ class StageHost(OutcomeSink):
         self.closed = True
         self.ack_emits(self.emits_unacked)
         self._hold(-self.held_bytes)
-        self.proxy.service = self.service
         self.queue.clear()
         self.running.clear()
         if self.started and not self.agent.draining:
