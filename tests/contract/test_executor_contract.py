@@ -551,7 +551,7 @@ def test_submit_one_behaves_like_submit(backend_factory: Callable[[], Backend], 
             assert ex.capacity() == full - 1
             await sink.wait_reports([a])
             assert sink.terminal[id(a)] == [("ok", 42)] and sink.reentrant == 0
-            assert ex.capacity() == full
+            assert ex.capacity() >= full  # back, at least (an agent may grant more once it has timed calls)
         finally:
             await stop(backend, ex)
 
