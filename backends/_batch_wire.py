@@ -4,7 +4,8 @@
 
     client                                            worker process (Dask task / Ray actor)
     ------                                            --------------------------------------
-    pickle_function(spec) ── once per worker ──────►  load_functions(blob): [(kind, fn), ...]
+    pickle_function(spec) ── once per worker ──────►  StageWorker.load(blob): [(kind, fn), ...], setup,
+                                                      teardown; start(): state = setup()
     dumps(item) per attempt ── in a batch ─────────►  run_batch(): for each attempt, in order:
                                                         pickle.loads(item); set current_worker();
                                                         invoke(kind, fn, item) (generators listed;
@@ -34,7 +35,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from pypline.executor import StageSpec, StageStartError
-from pypline.lowlevel import WorkerInfo, set_worker_info
+from pypline.lowlevel import WorkerInfo, run_setup, run_teardown, set_worker_info
 
 from ._procpool import ship_unimportable_by_value  # one rule for "ship by value" in every backend
 from .wire.errors import describe, pickled, rebuild, unpickled  # the one error path
@@ -46,7 +47,7 @@ __all__ = [
     "decode_error",
     "dumps",
     "invoke",
-    "load_functions",
+    "StageWorker",
     "pickle_function",
     "run_batch",
 ]
@@ -66,7 +67,7 @@ ERR = 2  # (ERR, pickled exception or None, type name, message, traceback text)
 
 
 def pickle_function(spec: StageSpec) -> bytes:
-    """The stage's worker functions as one blob: ``[(kind, fn), ...]`` by worker index.
+    """The stage's worker functions, by worker index, and its setup and teardown, as one blob.
 
     A function from a module a worker could not import by name (``__main__``, a test
     module pytest imported from a path) is pickled by value: its module is registered
@@ -76,20 +77,51 @@ def pickle_function(spec: StageSpec) -> bytes:
     """
     import cloudpickle  # type: ignore[import-untyped,unused-ignore]
 
-    for wf in spec.workers:
-        ship_unimportable_by_value(wf.fn)
+    hooks = [h for h in (spec.setup, spec.teardown) if h is not None]
+    for fn in [*(wf.fn for wf in spec.workers), *hooks]:
+        ship_unimportable_by_value(fn)
     try:
-        return cloudpickle.dumps([(wf.kind.value, wf.fn) for wf in spec.workers], protocol=5)  # type: ignore[no-any-return]
+        fns = [(wf.kind.value, wf.fn) for wf in spec.workers]
+        return cloudpickle.dumps((fns, spec.setup, spec.teardown), protocol=5)  # type: ignore[no-any-return]
     except Exception as exc:
         raise StageStartError(
             spec.name, f"its function cannot be pickled to run on another process: {type(exc).__name__}: {exc}"
         ) from exc
 
 
-def load_functions(blob: bytes) -> list[tuple[str, Callable[..., Any]]]:
-    """Worker side of ``pickle_function``."""
-    fns: list[tuple[str, Callable[..., Any]]] = pickle.loads(blob)
-    return fns
+class StageWorker:
+    """Where a stage's calls run (a Dask worker process, a Ray actor): its functions, and the
+    state its ``setup`` made there. ``start`` and ``stop`` run the setup and the teardown."""
+
+    def __init__(
+        self,
+        fns: list[tuple[str, Callable[..., Any]]],
+        setup: Callable[[], Any] | None,
+        teardown: Callable[[Any], Any] | None,
+        stage: str,
+    ) -> None:
+        self.fns, self.setup, self.teardown = fns, setup, teardown
+        self.stage = stage
+        self.state: Any = None
+        self.started = self.setup is None  # torn down at stop once started
+
+    @classmethod
+    def load(cls, blob: bytes, stage: str) -> StageWorker:
+        """From ``pickle_function``'s blob."""
+        fns, setup, teardown = pickle.loads(blob)
+        return cls(fns, setup, teardown, stage)
+
+    def start(self, index: int) -> None:
+        if self.setup is not None:
+            self.state = run_setup(self.setup, self.stage, index, _run_coroutine)
+        self.started = True
+
+    def stop(self, index: int) -> str | None:
+        """Run the teardown once, if the worker was started; how it failed, or None."""
+        if not (self.started and self.teardown is not None):
+            return None
+        self.started = False
+        return run_teardown(self.teardown, self.state, self.stage, index, _run_coroutine)
 
 
 def dumps(value: Any) -> bytes:
@@ -192,8 +224,7 @@ def encode_error(exc: BaseException) -> tuple[Any, ...]:
 
 
 def run_batch(
-    fns: Sequence[tuple[str, Callable[..., Any]]],
-    stage: str,
+    worker: StageWorker,
     index: int,
     numbers: Sequence[int],
     payloads: Sequence[bytes],
@@ -208,7 +239,8 @@ def run_batch(
     fresh daemon thread that is abandoned when it overruns (see
     ``_invoke_with_deadline``).
     """
-    kind, fn = fns[index]
+    kind, fn = worker.fns[index]
+    stage, state = worker.stage, worker.state
     out: list[tuple[Any, ...]] = []
     durations: list[float] | None = [] if timing else None
     clock = time.perf_counter
@@ -219,7 +251,7 @@ def run_batch(
         try:
             item = pickle.loads(payload)
             if info is None or info.attempt != number:
-                info = WorkerInfo(stage, index, number)
+                info = WorkerInfo(stage, index, number, state)
             if timeout is None:
                 set_worker_info(info)
                 value = invoke(kind, fn, item)

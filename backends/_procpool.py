@@ -81,6 +81,7 @@ from ._procwire import (
     ERROR,
     IOV_BATCH,
     REVOKE,
+    STOP,
     FrameReader,
     advance,
     decode,
@@ -89,7 +90,7 @@ from ._procwire import (
     wire_view,
 )
 
-__all__ = ["Arena", "WorkerProc", "WorkerStartFailed", "decode_event", "pickle_function"]
+__all__ = ["Arena", "WorkerProc", "WorkerStartFailed", "decode_event", "pickle_function", "pickle_hooks"]
 
 #: Kernel buffer asked for each direction of a worker's socket (the kernel caps it
 #: at net.core.[rw]mem_max). Bigger buffers let a multi-MiB item move in fewer
@@ -257,9 +258,10 @@ class Arena:
 class WorkerStartFailed(Exception):
     """A worker process could not start or could not load the stage's function."""
 
-    def __init__(self, message: str, traceback_text: str = "") -> None:
+    def __init__(self, message: str, traceback_text: str = "", what: str = "load") -> None:
         super().__init__(message)
         self.traceback_text = traceback_text
+        self.what = what  # "load": the function could not be loaded; "setup": the stage's setup raised
 
 
 class WorkerProc:
@@ -274,6 +276,7 @@ class WorkerProc:
         self.index = index
         # --- executor-owned scheduling state ---
         self.ready = False
+        self.loaded = False  # it answered its hello with "ready" (the stage's setup ran there)
         self.limit = 0
         self.flush_at = 1
         self.inflight: dict[int, Any] = {}
@@ -378,11 +381,12 @@ class WorkerProc:
             await self.wait_exit(1.0)
             raise WorkerStartFailed(f"worker process {self.pid} exited during start-up ({self.describe_exit()})")
         if reply[0] == "failed":
-            _, name, message, tb = reply
-            raise WorkerStartFailed(f"{name}: {message}", tb)
+            _, name, message, tb, what = reply
+            raise WorkerStartFailed(f"{name}: {message}", tb, what)
         if self.arena is not None and not (len(reply) > 2 and reply[2]):  # it could not map the arena
             self.arena.close()
             self.arena = None
+        self.loaded = True
 
     # --- I/O -------------------------------------------------------------------------------
     def send(self, frames: list[Any]) -> None:
@@ -467,6 +471,36 @@ class WorkerProc:
             return 0
 
     # --- stop ----------------------------------------------------------------------------
+    async def farewell(self, timeout: float) -> str | None:
+        """Stop the worker the polite way: it runs the stage's teardown, answers ``stopped``
+        and exits. Returns how its teardown failed (None: it did not fail, or the worker
+        is gone); raises ``TimeoutError`` if it did not answer in ``timeout`` seconds."""
+        fut: asyncio.Future[str | None] = self.loop.create_future()
+
+        def on_message(proc: WorkerProc, frames: list[Any]) -> None:
+            try:
+                env = pickle.loads(frames[0])
+            except Exception:  # noqa: BLE001 - an outcome of a call; nobody waits for it now
+                return
+            if env[0] == "stopped" and not fut.done():
+                fut.set_result(env[1])
+
+        def gone(proc: WorkerProc) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.on_message, self.on_eof = on_message, gone
+        self.resume_reading()
+        self.send([pickle.dumps(("stop",), protocol=5)])
+        try:
+            os.write(self._life_w, STOP)
+        except OSError:
+            pass
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"worker process {self.pid} did not stop within {timeout:g} s") from None
+
     def detach(self) -> None:
         """Close our ends: the worker sees its lifeline close and exits. Idempotent."""
         if self.detached:
@@ -606,6 +640,16 @@ def pickle_function(fn: Callable[..., Any]) -> bytes:
 
     ship_unimportable_by_value(fn)
     return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
+
+
+def pickle_hooks(setup: Callable[..., Any] | None, teardown: Callable[..., Any] | None) -> bytes:
+    """cloudpickle a stage's ``(setup, teardown)``, by value like its functions where needed."""
+    import cloudpickle  # type: ignore[import-untyped,unused-ignore]
+
+    for hook in (setup, teardown):
+        if hook is not None:
+            ship_unimportable_by_value(hook)
+    return cloudpickle.dumps((setup, teardown), protocol=5)  # type: ignore[no-any-return]
 
 
 def decode_event(e: tuple[Any, ...], frames: list[Any]) -> tuple[int, int, Any]:

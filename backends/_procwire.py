@@ -90,6 +90,10 @@ RAW_MEMORYVIEW = 2
 #: Written by the parent on the lifeline pipe: give back the tasks not started yet.
 REVOKE = b"R"
 
+#: Written by the parent on the lifeline pipe with a ``stop`` message: a worker inside a
+#: call tears down now (in its monitor thread); an idle one reads the message first.
+STOP = b"S"
+
 # Outcome codes in an ``events`` message.
 OK = 0
 EMIT = 1

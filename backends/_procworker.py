@@ -4,7 +4,9 @@
 
     parent (pypline.backends.process)                 worker process (this module's main())
     ---------------------------------                 -------------------------------------
-    hello: stage, index, kind, fn (cloudpickle) ────►  load fn once; reply ready(pid) or failed(tb)
+    hello: stage, index, kind, fn (cloudpickle) ────►  load fn once; run the stage's setup (its
+           [, setup and teardown]                        state is current_worker().state);
+                                                         reply ready(pid) or failed(tb, what)
     tasks: first tid, attempt numbers, items    ────►  main thread: deque of tasks, FIFO, one at a time
                                                          slot := tid; call fn; slot := 0
                                                          outcome -> outbox (ok / error / emit)
@@ -12,7 +14,10 @@
     events: [(tid, ok|error|emit, value), ...]  ◄────    done, or the oldest outcome waited FLUSH_LATENCY_S
                                                          (a flusher thread bounds it while a long call runs)
     lifeline pipe: "R" (a call runs too long)   ────►  monitor thread: returned: [tids not started]
-    lifeline pipe closed (parent gone or done)  ────►  monitor thread: os._exit(0), even mid-call
+    stop (a stage with a teardown)               ────►  after the call in progress: teardown(state);
+    stopped: error fields or None               ◄────    then exit
+    lifeline pipe closed (parent gone or done)  ────►  monitor thread: teardown if it has not run
+                                                         (in that thread), then os._exit(0), even mid-call
 
 How messages are framed and values encoded is ``_procwire`` (both sides use it); how an
 exception is described is ``wire/errors.py`` (every backend uses it).
@@ -88,7 +93,7 @@ else:
     except ImportError:  # a worker process: load the wire module by its path
         wire = _sibling("_pypline_procwire", "_procwire.py")
 
-EMIT, ERROR, INLINE, OK, REVOKE = wire.EMIT, wire.ERROR, wire.INLINE, wire.OK, wire.REVOKE
+EMIT, ERROR, INLINE, OK, REVOKE, STOP = wire.EMIT, wire.ERROR, wire.INLINE, wire.OK, wire.REVOKE, wire.STOP
 INLINE_TYPES = wire.INLINE_TYPES
 Encoder, FrameReader, decode, send_all = wire.Encoder, wire.FrameReader, wire.decode, wire.send_all
 
@@ -151,6 +156,10 @@ class _Worker:
         self.number = 0
         self.loop: Any = None
         self.emitted_sent = False  # something was sent since the current task began
+        self.state: Any = None  # what the stage's setup returned here
+        self.teardown_fn: Callable[[Any], Any] | None = None  # taken (under hook_lock) by whoever runs it
+        self.hook_lock = threading.Lock()
+        self.in_hook = False  # setup or teardown runs: current_worker() says attempt 0
 
     @property
     def encoder(self) -> wire.Encoder:
@@ -174,7 +183,10 @@ class _Worker:
                 except OSError:
                     data = b""
                 if not data:
+                    self.teardown()  # the process goes now: tear down here if the main thread has not
                     _exit_now()
+                if STOP in data and self.slot[0]:  # inside a call: it may run long; stop now
+                    self._stop()
                 if REVOKE in data:
                     self.give_back()
             elif os.getppid() != self.parent:
@@ -352,15 +364,18 @@ class _Worker:
                             self.frames_of[tid] = frames
             elif kind == "hello":
                 self._hello(env, frames)
+            elif kind == "stop":
+                self._stop()
 
     def _hello(self, env: tuple[Any, ...], frames: list[Any]) -> None:
-        _, stage, index, kind, tag, data, self.sample_every = env
+        _, stage, index, kind, tag, data, self.sample_every, hooks = env
         self.stage, self.index = stage, index
+        what = "load"
         try:
             fn = decode(tag, data, frames)
+            setup, teardown = decode(hooks[0], hooks[1], frames) if hooks is not None else (None, None)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the start
-            name, message, tb = exception_fields(exc)
-            self.send([pickle.dumps(("failed", name, message, tb), protocol=5)])
+            self._failed(exc, what)
             return
         self.fn, self.kind = fn, kind
         self.infos = {}
@@ -370,13 +385,69 @@ class _Worker:
             self.bind_context(context)
         elif not any(isinstance(f, _ContextHook) for f in sys.meta_path):
             sys.meta_path.insert(0, _ContextHook(self))
+        if setup is not None:
+            try:
+                self.state = self._call_hook(setup)
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the start
+                self._failed(exc, "setup")
+                return
+        self.teardown_fn = teardown
         self.send([pickle.dumps(("ready", os.getpid(), self.reader.arena is not None), protocol=5)])
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        name, message, tb = exception_fields(exc)
+        self.send([pickle.dumps(("failed", name, message, tb, what), protocol=5)])
+
+    def _call_hook(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run setup or teardown here, ``current_worker()`` saying attempt 0; await it if async."""
+        self.in_hook = True
+        if self.set_info is not None:
+            assert self.make_info is not None
+            self.set_info(self.make_info(self.stage, self.index, 0, self.state))
+        try:
+            value = fn(*args)
+            if type(value) is _CoroutineType:
+                if threading.current_thread() is threading.main_thread():
+                    value = self._loop().run_until_complete(value)
+                else:  # the monitor thread, while the main thread may be inside a call
+                    import asyncio
+
+                    value = asyncio.run(value)
+            return value
+        finally:
+            self.in_hook = False
+            self.number = 0
+            if self.set_info is not None:
+                self.set_info(None)
+
+    def teardown(self) -> str | None:
+        """Run the stage's teardown once, in whichever thread gets here first (the other
+        waits for it to end); say how it failed."""
+        with self.hook_lock:
+            fn, self.teardown_fn = self.teardown_fn, None
+            if fn is None:
+                return None
+            try:
+                self._call_hook(fn, self.state)
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent, which logs it
+                name, message, tb = exception_fields(exc)
+                return f"{name}: {message}\n{tb}"
+            return None
+
+    def _stop(self) -> None:
+        """The parent stops this worker: tear down (in the main thread when it is idle), say so, exit."""
+        problem = self.teardown()
+        with self.lock:
+            self.send([pickle.dumps(("stopped", problem), protocol=5)])
+        _exit_now()
 
     def bind_context(self, context: Any) -> None:
         """pypline is imported here: from now on set ``current_worker()`` around each call."""
         self.make_info, self.set_info = context.WorkerInfo, context.set_worker_info
         self.infos = {}
-        if self.number:  # imported during a call: that call needs its info now
+        if self.in_hook:  # imported during setup or teardown
+            self.set_info(self.make_info(self.stage, self.index, 0, self.state))
+        elif self.number:  # imported during a call: that call needs its info now
             number, self.number = self.number, 0
             self._info(number)
 
@@ -388,7 +459,7 @@ class _Worker:
             info = self.infos.get(number)
             if info is None:
                 assert self.make_info is not None
-                info = self.infos[number] = self.make_info(self.stage, self.index, number)
+                info = self.infos[number] = self.make_info(self.stage, self.index, number, self.state)
             self.set_info(info)
 
     # -- running tasks --------------------------------------------------------------------

@@ -118,6 +118,20 @@ class RemoteExecutor(Executor):
                 by_obj[id(wf.fn)] = fid
                 self.fn_blobs[fid] = data
             fids.append(fid)
+        hooks: list[str | None] = []
+        for what, hook in (("setup", spec.setup), ("teardown", spec.teardown)):
+            if hook is None:
+                hooks.append(None)
+                continue
+            try:
+                data = _pickle_fn(hook)
+            except Exception as exc:
+                raise StageStartError(
+                    spec.name, f"its {what} cannot be pickled to send it to an agent: {type(exc).__name__}: {exc}"
+                ) from exc
+            fid = P.fn_id(data)
+            hooks.append(fid)
+            self.fn_blobs[fid] = data
         self.stage_fields: dict[str, Any] = {
             "sid": self.sid,
             "name": spec.name[: P.MAX_NAME],
@@ -127,6 +141,7 @@ class RemoteExecutor(Executor):
             "timeout": spec.timeout,
             "retries": spec.retries,
             "buffer": spec.buffer,
+            **({"hooks": hooks} if any(hooks) else {}),
         }
         backend = self.backend
         backend.executors[self.sid] = self

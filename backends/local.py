@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import queue
 import sys
@@ -46,7 +47,17 @@ from pypline.executor import (
     WorkerFn,
     WorkerInfo,
 )
-from pypline.lowlevel import LATENCY_SAMPLE_EVERY, set_worker_info
+from pypline.lowlevel import (
+    LATENCY_SAMPLE_EVERY,
+    SETUP_TIMEOUT_S,
+    TEARDOWN_TIMEOUT_S,
+    arun_setup,
+    arun_teardown,
+    run_setup,
+    run_teardown,
+    set_worker_info,
+    setup_failed,
+)
 
 __all__ = ["AsyncioBackend", "AsyncioExecutor"]
 
@@ -149,6 +160,8 @@ class AsyncioExecutor(Executor):
         self._call_times: list[list[float]] = []
         self._targeted = False
         self._closed = False
+        self._states: list[Any] = []  # per worker: what the stage's setup returned there
+        self._set_up: list[bool] = []  # per worker: set up, not yet torn down
 
     async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
         self._spec = spec
@@ -165,7 +178,13 @@ class AsyncioExecutor(Executor):
         self._targeted = spec.is_fork
         self._threads = [None] * n
         self._call_times = [[0.0, 0.0, 0] for _ in range(n)]
-        self._infos = [[WorkerInfo(spec.name, i, a) for a in range(1, spec.retries + 1)] for i in range(n)]
+        self._states = [None] * n
+        self._set_up = [False] * n
+        if spec.setup is not None:
+            await self._setup_all(spec.setup)
+        self._infos = [
+            [WorkerInfo(spec.name, i, a, self._states[i]) for a in range(1, spec.retries + 1)] for i in range(n)
+        ]
         for i, wf in enumerate(spec.workers):
             task = self._loop.create_task(self._work(i, wf), name=f"pypline-{spec.name}-{i}")
             self._tasks.append(task)
@@ -220,7 +239,65 @@ class AsyncioExecutor(Executor):
 
     def _info(self, i: int, number: int) -> WorkerInfo:
         infos = self._infos[i]
-        return infos[number - 1] if number <= len(infos) else WorkerInfo(self._spec.name, i, number)
+        return infos[number - 1] if number <= len(infos) else WorkerInfo(self._spec.name, i, number, self._states[i])
+
+    # --- set-up and teardown: on the loop for async functions, in the worker's thread otherwise ---
+    def _thread(self, i: int) -> _WorkerThread:
+        worker = self._threads[i]
+        if worker is None or worker.abandoned:
+            worker = self._threads[i] = _WorkerThread(self._loop, f"pypline-{self._spec.name}-{i}")
+        return worker
+
+    def _on_loop(self, i: int) -> bool:
+        return self._spec.workers[i].kind in (FnKind.ASYNC, FnKind.ASYNC_GEN)
+
+    async def _setup_all(self, setup: Callable[[], Any]) -> None:
+        """Run ``setup`` in every worker at once; if one fails, undo the others and fail the start."""
+        name = self._spec.name
+
+        async def one(i: int) -> None:
+            if self._on_loop(i):
+                pending: Any = arun_setup(setup, name, i)
+            else:
+                pending = self._thread(i).run(functools.partial(run_setup, setup, name, i))
+            try:
+                self._states[i] = await asyncio.wait_for(pending, SETUP_TIMEOUT_S)
+            except _RaisedInThread as carried:
+                raise carried.error from None
+            except asyncio.TimeoutError:
+                if not self._on_loop(i):
+                    self._abandon(i, self._thread(i))
+                raise TimeoutError(f"it did not return within {SETUP_TIMEOUT_S:g} s") from None
+            self._set_up[i] = True
+
+        results = await asyncio.gather(*(one(i) for i in range(self._spec.num_workers)), return_exceptions=True)
+        failed = next(((i, r) for i, r in enumerate(results) if isinstance(r, BaseException)), None)
+        if failed is not None:
+            await self.aclose()  # tears down the workers that were set up
+            i, exc = failed
+            if isinstance(exc, asyncio.CancelledError):
+                raise exc
+            raise setup_failed(name, f"worker {i}", exc)
+
+    async def _teardown_all(self, teardown: Callable[[Any], Any]) -> None:
+        """``teardown(state)`` in every worker that was set up, at most TEARDOWN_TIMEOUT_S for all."""
+        name = self._spec.name
+        waits: list[asyncio.Future[Any]] = []
+        for i, state in enumerate(self._states):
+            if not self._set_up[i]:
+                continue
+            self._set_up[i] = False
+            if self._on_loop(i):
+                waits.append(asyncio.ensure_future(arun_teardown(teardown, state, name, i)))
+            else:  # its own thread, unless a call still runs there (then a fresh one)
+                waits.append(self._thread(i).run(functools.partial(run_teardown, teardown, state, name, i)))
+        if not waits:
+            return
+        _, late = await asyncio.wait(waits, timeout=TEARDOWN_TIMEOUT_S)
+        for w in late:
+            w.cancel()
+        if late:
+            log.warning("stage %r: %d teardown(s) did not end within %g s; left running", name, len(late), TEARDOWN_TIMEOUT_S)
 
     async def _work(self, i: int, wf: WorkerFn) -> None:
         own, shared, sink = self._own[i], self._shared, self._sink
@@ -410,6 +487,8 @@ class AsyncioExecutor(Executor):
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if any(self._set_up) and self._spec.teardown is not None:
+            await self._teardown_all(self._spec.teardown)
         waits = []
         for w in self._threads:
             if w is not None and not w.abandoned:

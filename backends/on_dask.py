@@ -7,7 +7,9 @@
           │                   scheduler, the default client's, or a LocalCluster made for the run
           ▼
     DaskExecutor.start()      the stage's functions, pickled once, go to every worker as a
-          │                   WorkerPlugin (workers that join later get them too)
+          │                   WorkerPlugin (workers that join later get them too); its
+          │                   setup runs there, once per Dask worker process, its teardown
+          │                   when the stage closes
           ▼
     batches (see _batching)   client.submit(_dask_call, key, slot, items...): one call per
           │                   slot at a time, the next sent when it returns; batches carry
@@ -83,8 +85,9 @@ from distributed.diagnostics.plugin import WorkerPlugin  # type: ignore[import-n
 from distributed.scheduler import KilledWorker  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
 from pypline.executor import Attempt, Backend, Executor, StageSpec, StageStartError
+from pypline.lowlevel import SETUP_TIMEOUT_S, setup_failed
 
-from ._batch_wire import load_functions, run_batch
+from ._batch_wire import StageWorker, run_batch
 from ._batching import DIED, ERROR, IGNORE, LOST, BatchingExecutor, Call
 
 __all__ = ["DaskBackend", "DaskExecutor"]
@@ -119,38 +122,53 @@ CLIENT_SEND_INTERVAL_S = 0.001
 
 # --- the worker side --------------------------------------------------------------------------
 
-#: On each Dask worker: plugin key -> the stage's functions, by worker index.
-_STAGES: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
+#: On each Dask worker: plugin key -> the stage's functions and the state its setup made there.
+_STAGES: dict[str, StageWorker] = {}
+
+
+class _SetupRaised(Exception):
+    """The stage's setup raised on a Dask worker (as opposed to its functions not loading)."""
 
 
 class _StageFunctions(WorkerPlugin):  # type: ignore[misc,unused-ignore]
-    """Carries one stage's pickled functions to every worker, once (late joiners included)."""
+    """Carries one stage's pickled functions to every worker, once (late joiners included),
+    and runs the stage's setup there (in a thread: the Dask worker's loop keeps serving)
+    and its teardown when the plugin is removed or the worker closes."""
 
-    def __init__(self, key: str, blob: bytes) -> None:
+    def __init__(self, key: str, blob: bytes, stage: str) -> None:
         self.key = key
         self.blob = blob
+        self.stage = stage
 
-    def setup(self, worker: Any) -> None:
-        _STAGES[self.key] = load_functions(self.blob)
+    async def setup(self, worker: Any) -> None:
+        stage = StageWorker.load(self.blob, self.stage)
+        if stage.setup is not None:
+            try:
+                await asyncio.to_thread(stage.start, -1)  # -1: this process serves any of the stage's workers
+            except Exception as exc:
+                raise _SetupRaised(f"{type(exc).__name__}: {exc}") from exc
+        _STAGES[self.key] = stage
 
-    def teardown(self, worker: Any) -> None:
-        _STAGES.pop(self.key, None)
+    async def teardown(self, worker: Any) -> None:
+        stage = _STAGES.pop(self.key, None)
+        if stage is not None and stage.teardown is not None:
+            await asyncio.to_thread(stage.stop, -1)
 
 
 def _dask_call(
     key: str, stage: str, index: int, numbers: list[int], payloads: list[bytes], timeout: float | None, timing: bool
 ) -> Any:
     """The task: one batch of attempts of worker ``index``."""
-    fns = _STAGES.get(key)
+    worker = _STAGES.get(key)
     try:
         from distributed import get_worker  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         where = f"Dask worker {get_worker().address}"
     except Exception:  # noqa: BLE001 - only used in messages
         where = "a Dask worker"
-    if fns is None:
+    if worker is None:
         raise RuntimeError(f"stage {stage!r}: its functions are not installed on {where} (see that worker's log)")
-    return run_batch(fns, stage, index, numbers, payloads, timeout, timing, where)
+    return run_batch(worker, index, numbers, payloads, timeout, timing, where)
 
 
 # --- the client side ----------------------------------------------------------------------------
@@ -176,8 +194,19 @@ class DaskExecutor(BatchingExecutor):
         self._client = self._backend._client_for_run()
         self._key = f"pypline-{self._spec.name}-{uuid.uuid4().hex[:10]}"
         try:
-            await self._client.register_plugin(_StageFunctions(self._key, blob), name=self._key)
+            await asyncio.wait_for(
+                self._client.register_plugin(_StageFunctions(self._key, blob, self._spec.name), name=self._key),
+                SETUP_TIMEOUT_S,
+            )
         except Exception as exc:
+            self._registered = True  # some workers may have it: _stop_slots removes it (and tears them down)
+            await self._stop_slots()
+            if isinstance(exc, _SetupRaised):
+                raise setup_failed(self._spec.name, "a Dask worker", exc, str(exc)) from exc
+            if isinstance(exc, asyncio.TimeoutError):
+                raise StageStartError(
+                    self._spec.name, f"its functions were not installed on the Dask workers within {SETUP_TIMEOUT_S:g} s"
+                ) from None
             raise StageStartError(
                 self._spec.name, f"its functions could not be loaded on the Dask workers: {type(exc).__name__}: {exc}"
            ) from exc

@@ -6,7 +6,8 @@
           │                   in a thread kept alive until the run's ray.shutdown()
           ▼
     RayExecutor.start()       ray.put(the stage's pickled functions), then one actor per
-          │                   worker index: it unpickles its function once and answers ready()
+          │                   worker index: it unpickles its function once and answers ready(),
+          │                   then runs the stage's setup (start()); stop() runs its teardown
           ▼
     batches (see _batching)   actor_i.run.remote(items...) -> object ref, awaited (`await ref`)
           │                   a slot's calls queue at its actor: one runs, the next waits there
@@ -60,8 +61,9 @@ import ray  # type: ignore[import-not-found,import-untyped,unused-ignore]
 from ray import exceptions as rx  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
 from pypline.executor import Attempt, Backend, Executor, StageSpec, StageStartError
+from pypline.lowlevel import SETUP_TIMEOUT_S, TEARDOWN_TIMEOUT_S, setup_failed
 
-from ._batch_wire import load_functions, run_batch
+from ._batch_wire import StageWorker, run_batch
 from ._batching import DIED, ERROR, IGNORE, LOST, BatchingExecutor, Call
 
 __all__ = ["RayBackend", "RayExecutor"]
@@ -102,8 +104,7 @@ class _RayWorker:
     """One stage worker: holds its function, runs batches of attempts, one call at a time."""
 
     def __init__(self, blob: bytes, stage: str, index: int) -> None:
-        self.fns = load_functions(blob)
-        self.stage = stage
+        self.worker = StageWorker.load(blob, stage)
         self.index = index
         self.where = f"Ray actor pid {os.getpid()}"
 
@@ -114,8 +115,16 @@ class _RayWorker:
             node = "?"
         return os.getpid(), str(node)
 
+    def start(self) -> None:
+        """The stage's setup, here (its state serves this actor's calls)."""
+        self.worker.start(self.index)
+
+    def stop(self) -> str | None:
+        """The stage's teardown, here; how it failed, or None."""
+        return self.worker.stop(self.index)
+
     def run(self, numbers: list[int], payloads: list[bytes], timing: bool) -> Any:
-        return run_batch(self.fns, self.stage, self.index, numbers, payloads, None, timing, self.where)
+        return run_batch(self.worker, self.index, numbers, payloads, None, timing, self.where)
 
 
 _remote_worker: Any = None
@@ -167,6 +176,12 @@ class RayExecutor(BatchingExecutor):
         self._starting.add(actor)
         try:
             _, node = await asyncio.wait_for(_awaitable(actor.ready.remote()), START_TIMEOUT_S)
+            if self._spec.setup is not None:
+                try:
+                    await asyncio.wait_for(_awaitable(actor.start.remote()), SETUP_TIMEOUT_S)
+                except Exception as exc:
+                    cause = getattr(exc, "cause", None) if isinstance(exc, rx.RayTaskError) else None
+                    raise _SetupFailed(i, cause if isinstance(cause, BaseException) else exc) from exc
         except BaseException:
             self._starting.discard(actor)
             _kill(actor)
@@ -183,10 +198,14 @@ class RayExecutor(BatchingExecutor):
                 continue
             self._actors[i], self._where[i] = r
         if failed is not None:
+            if self._spec.teardown is not None:
+                await self._teardown()  # the actors whose setup ran
             for a in self._actors:
                 _kill(a)
             if isinstance(failed, asyncio.CancelledError):
                 raise failed
+            if isinstance(failed, _SetupFailed):
+                raise setup_failed(self._spec.name, f"worker {failed.index} (a Ray actor)", failed.error)
             why = (
                 "not placed in time (does the cluster have the resources actor_options asks for?)"
                 if isinstance(failed, asyncio.TimeoutError)
@@ -264,6 +283,8 @@ class RayExecutor(BatchingExecutor):
         self._schedule()
 
     async def _stop_slots(self) -> None:
+        if self._spec.teardown is not None:
+            await self._teardown()
         for a in [*self._actors, *self._starting]:
             _kill(a)
         self._actors = [None] * self._n
@@ -272,8 +293,33 @@ class RayExecutor(BatchingExecutor):
             s.calls.clear()
         self._blob_ref = None
 
+    async def _teardown(self) -> None:
+        """Each live actor runs the stage's teardown (after the call it runs, if any), within
+        TEARDOWN_TIMEOUT_S; an actor that does not answer in time is killed without it."""
+        live = [(i, a) for i, a in enumerate(self._actors) if a is not None]
+        waits = [asyncio.ensure_future(_awaitable(a.stop.remote())) for _, a in live]
+        if not waits:
+            return
+        await asyncio.wait(waits, timeout=TEARDOWN_TIMEOUT_S)
+        for (i, _), w in zip(live, waits):
+            if not w.done():
+                w.cancel()
+                log.warning("stage %r worker %d: teardown() did not end within %g s", self._spec.name, i, TEARDOWN_TIMEOUT_S)
+            elif w.exception() is not None or w.result() is not None:
+                why = w.result() if w.exception() is None else repr(w.exception())
+                log.warning("stage %r worker %d (a Ray actor): teardown() raised %s", self._spec.name, i, why)
+
     def _details(self) -> dict[str, Any]:
         return {"nodes": list(self._where)}
+
+
+class _SetupFailed(Exception):
+    """The stage's setup raised in worker ``index``'s new actor."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
 
 
 def _summary(exc: BaseException) -> str:

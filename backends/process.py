@@ -72,9 +72,9 @@ from pypline.executor import (
     WorkerDied,
 )
 
-from pypline.lowlevel import LATENCY_SAMPLE_EVERY
+from pypline.lowlevel import LATENCY_SAMPLE_EVERY, TEARDOWN_TIMEOUT_S, setup_failed
 
-from ._procpool import WorkerProc, WorkerStartFailed, decode_event, pickle_function
+from ._procpool import WorkerProc, WorkerStartFailed, decode_event, pickle_function, pickle_hooks
 from ._procwire import INLINE_TYPES, BLOB, EMIT, ERROR, INLINE, OK, Encoder, RawValue
 
 __all__ = ["ProcessBackend", "ProcessExecutor", "RawValue"]  # RawValue: for the agent (server.py)
@@ -185,6 +185,14 @@ class ProcessExecutor(Executor):
         if not hasattr(self._loop, "add_reader"):  # pragma: no cover - e.g. the Windows proactor loop
             raise StageStartError(spec.name, "the process backend needs an event loop with add_reader()")
         self._hellos: list[list[Any]] = []
+        hooks: bytes | None = None
+        if spec.setup is not None or spec.teardown is not None:
+            try:
+                hooks = pickle_hooks(spec.setup, spec.teardown)
+            except Exception as exc:
+                raise StageStartError(
+                    spec.name, f"its setup or teardown cannot be pickled to run in a worker process: {type(exc).__name__}: {exc}"
+                ) from exc
         pickled: dict[int, bytes] = {}
         for i, wf in enumerate(spec.workers):
             key = id(wf.fn)
@@ -198,8 +206,8 @@ class ProcessExecutor(Executor):
                         f"its function {name} (worker {i}) cannot be pickled to run in a worker process: "
                         f"{type(exc).__name__}: {exc}",
                    ) from exc
-            env = ("hello", spec.name, i, wf.kind.value, BLOB, (1, 0), LATENCY_SAMPLE_EVERY)
-            self._hellos.append([pickle.dumps(env, protocol=5), pickled[key]])
+            env = ("hello", spec.name, i, wf.kind.value, BLOB, (1, 0), LATENCY_SAMPLE_EVERY, hooks and (BLOB, (2, 0)))
+            self._hellos.append([pickle.dumps(env, protocol=5), pickled[key], *([hooks] if hooks else [])])
         if self._spawn_error is not None:
             raise StageStartError(
                 spec.name, f"could not start a worker process: {self._spawn_error}"
@@ -212,7 +220,10 @@ class ProcessExecutor(Executor):
                 raise StageStartError(spec.name, f"could not start a worker process: {exc}") from exc
         workers = [w for w in self._workers if w is not None]
         results = await asyncio.gather(*(w.handshake(self._hellos[w.index]) for w in workers), return_exceptions=True)
-        for r in results:
+        for w, r in zip(workers, results):
+            if isinstance(r, WorkerStartFailed) and r.what == "setup":
+                detail = f"\n{r.traceback_text}" if r.traceback_text else ""
+                raise setup_failed(spec.name, f"worker {w.index} (process {w.pid})", r, f"{r}{detail}")
             if isinstance(r, WorkerStartFailed):
                 detail = f"\n{r.traceback_text}" if r.traceback_text else ""
                 raise StageStartError(
@@ -646,6 +657,8 @@ class ProcessExecutor(Executor):
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        if self._spec.teardown is not None:
+            await self._farewell()
         procs = list(self._procs)
         for w in procs:
             w.ready = False
@@ -660,6 +673,16 @@ class ProcessExecutor(Executor):
             self._procs.clear()
             self._workers = [None] * self._n
             self._cap_total = 0
+
+    async def _farewell(self) -> None:
+        """Each started worker runs the stage's teardown and exits (at most TEARDOWN_TIMEOUT_S)."""
+        live = [w for w in self._workers if w is not None and w.loaded and not w.detached]
+        results = await asyncio.gather(*(w.farewell(TEARDOWN_TIMEOUT_S) for w in live), return_exceptions=True)
+        for w, r in zip(live, results):
+            if isinstance(r, str):
+                log.warning("stage %r worker %d (process %d): teardown() raised %s", self._spec.name, w.index, w.pid, r)
+            elif isinstance(r, BaseException):
+                log.warning("stage %r worker %d: %s; it is stopped without it", self._spec.name, w.index, r)
 
     def statistics(self) -> ExecutorStatistics:
         extra: dict[str, Any] = {}

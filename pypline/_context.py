@@ -8,19 +8,24 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 __all__ = ["WorkerInfo", "current_worker", "worker_context"]
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
-    """The call in progress: ``stage`` name, worker ``index`` (0-based) and ``attempt`` (from 1)."""
+    """The call in progress: ``stage`` name, worker ``index`` (0-based) and ``attempt`` (from 1).
+
+    ``state`` is what the stage's ``setup`` returned in this worker (``None`` without one).
+    Inside ``setup`` and ``teardown`` themselves, ``attempt`` is 0.
+    """
 
     stage: str
     index: int
     attempt: int
+    state: Any = field(default=None, compare=False)
 
 
 _current: ContextVar[WorkerInfo | None] = ContextVar("pypline_current_worker", default=None)

@@ -106,6 +106,8 @@ class StageSpec:
     batch_wait: float = 0.05  # seconds a partial batch waits for more items
     pause_after: int | None = None  # retryable failures in a row that pause dispatch (_breaker.py)
     max_backoff: float = 60.0  # longest wait between attempts, and longest pause
+    setup: Callable[[], Any] | None = None  # run once per worker before its first item: the worker's state
+    teardown: Callable[[Any], Any] | None = None  # run with that state when the worker stops
 
     @property
     def num_workers(self) -> int:
@@ -274,6 +276,8 @@ def _check_common(
     rate: Any = None,
     pause_after: Any = None,
     max_backoff: Any = 60.0,
+    setup: Any = None,
+    teardown: Any = None,
 ) -> dict[str, Any]:
     if not isinstance(multi_proc, bool):
         raise TypeError(f"multi_proc must be a bool, got {multi_proc!r}")
@@ -283,7 +287,14 @@ def _check_common(
         raise TypeError(f"name must be a str or None, got {name!r}")
     if name is not None and not name:
         raise ValueError("name must not be empty, got ''")
+    for what, hook in (("setup", setup), ("teardown", teardown)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{what} must be callable or None, got {hook!r}")
+        if hook is not None and fn_kind(hook).is_generator:
+            raise TypeError(f"{what} must be a function, not a generator: {_callable_name(hook)!r}")
     return {
+        "setup": setup,
+        "teardown": teardown,
         "buffer": _check_int("buffer", buffer, 1),
         "retries": _check_int("retries", retries, 1),
         "multi_proc": multi_proc,
@@ -351,6 +362,8 @@ def work_pool(
     max_backoff: float = 60.0,
     batch: int | None = None,
     batch_wait: float = 0.05,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
 ) -> StageDecorator: ...
 @overload
 def work_pool(
@@ -371,6 +384,8 @@ def work_pool(
     max_backoff: float = 60.0,
     batch: int | None = None,
     batch_wait: float = 0.05,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
 ) -> ForkDecorator[M]: ...
 
 
@@ -392,6 +407,8 @@ def work_pool(
     max_backoff: float = 60.0,
     batch: int | None = None,
     batch_wait: float = 0.05,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
 ) -> Stage[Any, Any] | Callable[[Callable[..., Any]], Stage[Any, Any]]:
     """Make a stage of ``num_workers`` identical workers running ``fn``.
 
@@ -408,6 +425,11 @@ def work_pool(
     ``batch_wait`` seconds passed without more) and returns a list of one output per item;
     each item keeps its own Result and attempts (a failing call is split in halves until
     only the items that fail alone fail). Its buffer is at least ``n x num_workers``.
+    ``setup`` (no arguments, plain or ``async def``) runs once in each worker before its
+    first item; what it returns is that worker's ``current_worker().state`` (a database
+    connection, a loaded model, an HTTP client). ``teardown(state)`` runs when the worker
+    stops: at the end of the run, on ``fail_fast``, on cancellation. A ``setup`` that raises
+    fails the stage at start (``run()`` returns a ``PipelineError``).
     Works bare (``@work_pool``) or called.
     """
     opts = _check_common(
@@ -422,6 +444,8 @@ def work_pool(
         rate=rate,
         pause_after=pause_after,
         max_backoff=max_backoff,
+        setup=setup,
+        teardown=teardown,
     )
     workers = _check_int("num_workers", num_workers, 1)
     if batch is not None:
@@ -465,6 +489,8 @@ def mix_pool(
     rate: tuple[int, float] | None = None,
     pause_after: int | None = None,
     max_backoff: float = 60.0,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
 ) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]: ...
 @overload
 def mix_pool(
@@ -482,6 +508,8 @@ def mix_pool(
     rate: tuple[int, float] | None = None,
     pause_after: int | None = None,
     max_backoff: float = 60.0,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
 ) -> Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, M]]: ...
 
 
@@ -500,6 +528,8 @@ def mix_pool(
     rate: tuple[int, float] | None = None,
     pause_after: int | None = None,
     max_backoff: float = 60.0,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
 ) -> Stage[Any, Any] | Callable[[Callable[[], Sequence[Callable[..., Any]]]], Stage[Any, Any]]:
     """Make a stage whose workers are different functions.
 
@@ -519,6 +549,8 @@ def mix_pool(
         rate=rate,
         pause_after=pause_after,
         max_backoff=max_backoff,
+        setup=setup,
+        teardown=teardown,
     )
 
     def decorate(f: Callable[[], Sequence[Callable[..., Any]]]) -> Stage[Any, Any]:

@@ -48,6 +48,13 @@ Rules an executor follows (the contract suite in ``tests/contract`` checks them)
    cancels an executor's own tasks; a worker must tell the two apart (e.g. a flag set
    by ``aclose()`` before it cancels), never let the user's ``CancelledError`` end a
    worker, and never report its own cancellation as an outcome.
+8. ``spec.setup`` (when set) runs once in each worker, where its calls will run, before
+   its first call, inside ``start``: ``pypline.lowlevel.run_setup`` (in a thread or
+   process) or ``arun_setup`` (on a loop). Its return value is the ``state`` of the
+   ``WorkerInfo`` set around that worker's calls. If it raises, ``start`` tears down the
+   workers already set up and raises ``setup_failed(...)`` (a ``StageStartError``).
+   ``spec.teardown`` runs with the state when the worker stops, in ``aclose`` too, within
+   ``TEARDOWN_TIMEOUT_S`` (``run_teardown``/``arun_teardown`` log a failure, never raise).
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 
 from ._context import WorkerInfo, set_worker_info
 from ._errors import WorkerDied
+from ._lifecycle import arun_setup, arun_teardown, setup_failed
 from ._stage import FnKind, StageSpec
 from .executor import Attempt, Backend, Executor, ExecutorStatistics, OutcomeSink
 
@@ -108,11 +109,22 @@ class MockExecutor(Executor):
         self.closed = False
         self.capacity_violations = 0
         self.crashed: Exception | None = None  # what the sink raised, if it did (see _broken)
+        self.states: list[Any] = []  # per worker: what the stage's setup returned
+        self.set_up = 0  # workers set up (in index order) and not yet torn down
 
     async def start(self, spec: StageSpec, sink: OutcomeSink) -> None:
         self.spec = spec
         self.sink = sink
         self.limit = self._cap_override if self._cap_override is not None else spec.num_workers
+        self.states = [None] * spec.num_workers
+        if spec.setup is not None:
+            for i in range(spec.num_workers):
+                try:
+                    self.states[i] = await arun_setup(spec.setup, spec.name, i)
+                except Exception as exc:
+                    await self.aclose()
+                    raise setup_failed(spec.name, f"worker {i}", exc) from exc
+                self.set_up = i + 1
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"pypline-mock-{spec.name}")
 
@@ -246,7 +258,7 @@ class MockExecutor(Executor):
     async def _call(self, a: Attempt) -> Any:
         index = a.worker if a.worker is not None else 0
         wf = self.spec.workers[index]
-        set_worker_info(WorkerInfo(self.spec.name, index, a.number))
+        set_worker_info(WorkerInfo(self.spec.name, index, a.number, self.states[index]))
         if wf.kind is FnKind.ASYNC:
             return await wf.fn(a.item)
         if wf.kind is FnKind.SYNC:
@@ -267,6 +279,10 @@ class MockExecutor(Executor):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        n, self.set_up = self.set_up, 0
+        if n and self.spec.teardown is not None:
+            for i in range(n):
+                await arun_teardown(self.spec.teardown, self.states[i], self.spec.name, i)
 
     def statistics(self) -> ExecutorStatistics:
         return ExecutorStatistics(

@@ -346,6 +346,10 @@ def test_deadline_reports_timeout_and_abandons() -> None:
     run(main())
 
 
+def stage_worker(fns: list[tuple[str, Any]], stage: str, setup: Any = None, teardown: Any = None) -> Any:
+    return w.StageWorker(fns, setup, teardown, stage)
+
+
 def test_run_batch_isolates_every_item() -> None:
     """run_batch: per-item outcomes (value, generator list, exception with type and traceback), current_worker() set."""
     from pypline import current_worker
@@ -358,7 +362,7 @@ def test_run_batch_isolates_every_item() -> None:
         return (x, current_worker())
 
     outcomes, spent, durations = w.run_batch(
-        [("sync", fn)], "st", 0, [1, 2, 3], [pickle.dumps(v) for v in ("a", "boom", "lock")], None, True, "here"
+        stage_worker([("sync", fn)], "st"), 0, [1, 2, 3], [pickle.dumps(v) for v in ("a", "boom", "lock")], None, True, "here"
     )
     assert spent >= 0 and durations is not None and len(durations) == 3
     assert outcomes[0][0] == w.OK and pickle.loads(outcomes[0][1])[0] == "a"
@@ -366,7 +370,7 @@ def test_run_batch_isolates_every_item() -> None:
     err = w.decode_error(outcomes[1])
     assert isinstance(err, KeyError) and "fn" in str(err.__cause__)
     assert outcomes[2][0] == w.ERR
-    gen = w.run_batch([("gen", lambda n: iter(range(n)))], "g", 0, [1], [pickle.dumps(3)], None, False, "here")
+    gen = w.run_batch(stage_worker([("gen", lambda n: iter(range(n)))], "g"), 0, [1], [pickle.dumps(3)], None, False, "here")
     assert gen[0][0][0] == w.GEN and pickle.loads(gen[0][0][1]) == [0, 1, 2] and gen[2] is None
 
 
@@ -381,9 +385,31 @@ def test_run_batch_deadline_abandons_a_stuck_call() -> None:
 
     try:
         outcomes, _, _ = w.run_batch(
-            [("sync", fn)], "st", 0, [1, 1], [pickle.dumps("stuck"), pickle.dumps("next")], 0.05, False, "here"
+            stage_worker([("sync", fn)], "st"), 0, [1, 1], [pickle.dumps("stuck"), pickle.dumps("next")], 0.05, False, "here"
         )
     finally:
         release.set()
     assert isinstance(w.decode_error(outcomes[0]), TimeoutError)
     assert pickle.loads(outcomes[1][1]) == "next"
+
+
+def test_a_stage_worker_sets_up_serves_its_state_and_tears_down_once() -> None:
+    """StageWorker (a Dask worker process's or a Ray actor's side): setup's state reaches
+    the calls, with a deadline too (the call runs in another thread); teardown runs once."""
+    from pypline import current_worker
+
+    torn: list[Any] = []
+
+    async def setup() -> dict[str, int]:  # an async setup runs on the worker thread's loop
+        return {"n": current_worker().attempt}
+
+    def fn(x: int) -> Any:
+        return x, current_worker().state
+
+    sw = stage_worker([("sync", fn)], "st", setup, torn.append)
+    sw.start(0)
+    for timeout in (None, 5.0):
+        outcomes, _, _ = w.run_batch(sw, 0, [1], [pickle.dumps(7)], timeout, False, "here")
+        assert pickle.loads(outcomes[0][1]) == (7, {"n": 0})
+    assert sw.stop(0) is None and sw.stop(0) is None
+    assert torn == [{"n": 0}]

@@ -368,7 +368,8 @@ class StageHost(OutcomeSink):
         self._hold(-self.held_bytes)
         self.queue.clear()
         self.running.clear()
-        if self.started and not self.agent.draining:
+        lifecycle = self.spec.setup is not None or self.spec.teardown is not None  # teardown runs now
+        if self.started and not self.agent.draining and not lifecycle:
             self.agent.park(self.key, self.ex, self.proxy)
             return
         self.proxy.target = None
@@ -432,10 +433,17 @@ def stage_key(h: dict[str, Any], spec: StageSpec, user: str | None) -> Hashable:
     The client's identity (its CURVE public key; ``None`` without keys) is part of it:
     warm worker processes keep whatever module-level state one client's functions built,
     so they are never handed to another client."""
-    return (user, tuple(h["fns"]), tuple(h["kinds"]), h["fork"], h["timeout"], h["retries"], h["name"], spec.num_workers)
+    hooks = tuple(h.get("hooks") or ())
+    return (user, tuple(h["fns"]), tuple(h["kinds"]), hooks, h["fork"], h["timeout"], h["retries"], h["name"], spec.num_workers)
 
 
-def build_spec(h: dict[str, Any], fns: list[Callable[..., Any]], agent_workers: int) -> StageSpec:
+def build_spec(
+    h: dict[str, Any],
+    fns: list[Callable[..., Any]],
+    agent_workers: int,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
+) -> StageSpec:
     """The local ``StageSpec`` for a STAGE declaration.
 
     A fork or mix_pool stage keeps all its workers (the worker index matters); a
@@ -459,4 +467,6 @@ def build_spec(h: dict[str, Any], fns: list[Callable[..., Any]], agent_workers: 
         timeout=h["timeout"],
         backoff=0.0,
         retry_on=(Exception,),
+        setup=setup,
+        teardown=teardown,
     )

@@ -3,7 +3,7 @@
 ::
 
     FUNC(id, pickle) ─► check sha256 == id ─► fns (agent-wide LRU, FN_CACHE_BYTES)
-    STAGE(sid, fns, kinds, ...) ─► a function missing? ─► NEED_FUNC (the client sends it again)
+    STAGE(sid, fns, kinds, hooks, ...) ─► a function missing? ─► NEED_FUNC (the client sends it again)
         │ unpickle the functions here (after HELLO, on an authenticated connection:
         │ PROTOCOL.md, "What is unpickled, where") ─► ERROR STAGE_FAILED if that fails
         ▼
@@ -11,6 +11,8 @@
         │ no
         ▼
     the agent's local backend makes one (process: spawns worker processes) ─► start ─► STAGE_OK
+        (a stage with setup/teardown hooks: each worker runs setup as it starts; such an
+        executor is closed when its session's stage ends, so teardown runs, never parked)
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class StageStarter:
     def on_stage(self, s: Session, h: dict[str, Any]) -> None:
         """Start (or reuse) an executor for a declared stage; NEED_FUNC when a function is missing."""
         sid = h["sid"]
-        missing = sorted({f for f in h["fns"] if f not in self.fns})
+        missing = sorted({f for f in [*h["fns"], *(h.get("hooks") or ())] if f is not None and f not in self.fns})
         if missing:
             s.send(P.header(P.NEED_FUNC, sid=sid, fns=missing))
             return
@@ -103,7 +105,10 @@ class StageStarter:
     async def _start(self, s: Session, h: dict[str, Any]) -> None:
         sid, name = h["sid"], h["name"]
         try:
-            fns = await self._load_fns(h["fns"])
+            hooks = h.get("hooks") or [None, None]
+            loaded = await self._load_fns([*h["fns"], *(f for f in hooks if f is not None)])
+            fns, rest = loaded[: len(h["fns"])], iter(loaded[len(h["fns"]) :])
+            setup, teardown = (None if f is None else next(rest) for f in hooks)
         except BaseException as exc:  # noqa: BLE001 - e.g. ModuleNotFoundError: the agent's environment
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -119,7 +124,7 @@ class StageStarter:
             log.warning("session %s: %s", s.name, msg)
             s.send(P.header(P.ERROR, code=P.E_STAGE, message=msg, sid=sid))
             return
-        spec = build_spec(h, fns, self.agent.config.workers)
+        spec = build_spec(h, fns, self.agent.config.workers, setup, teardown)
         key = stage_key(h, spec, s.user)
         warm = self.pool.take(key)
         if warm is not None:

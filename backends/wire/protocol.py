@@ -109,7 +109,8 @@ __all__ = [
 
 #: Wire protocol version. Bumped on any incompatible change; HELLO refuses a mismatch.
 #: 2: payload frames above MAX_FRAME travel in pieces ("split").
-PROTOCOL_VERSION = 2
+#: 3: STAGE carries the stage's setup and teardown ("hooks"); an older agent would ignore them.
+PROTOCOL_VERSION = 3
 
 #: Largest header frame. Headers carry counts and ids, never data, so 4 KiB is plenty,
 #: and a small cap means a malicious header costs nothing to refuse.
@@ -235,6 +236,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
         "timeout": (_OPT_NUM, True),
         "retries": (_INT, True),
         "buffer": (_INT, True),
+        "hooks": (_LIST, False),
     },
     STAGE_OK: {"sid": (_INT, True), "win": (_INT, True), "workers": (_INT, True)},
     TASKS: {"sid": (_INT, True), "n": (_INT, True), "split": (_LIST, False)},
@@ -422,7 +424,7 @@ def _check_specific(t: str, h: dict[str, Any]) -> None:
         if not _is_fn_id(h["fn"]):
             raise ProtocolError("FUNC: bad function id")
     elif t == NEED_FUNC:
-        if not all(_is_fn_id(f) for f in h["fns"]) or len(h["fns"]) > MAX_WORKERS:
+        if not all(_is_fn_id(f) for f in h["fns"]) or len(h["fns"]) > MAX_WORKERS + 2:  # + setup, teardown
             raise ProtocolError("NEED_FUNC: bad function ids")
     elif t == STAGE:
         kinds, fns = h["kinds"], h["fns"]
@@ -434,6 +436,9 @@ def _check_specific(t: str, h: dict[str, Any]) -> None:
             raise ProtocolError("STAGE: bad name")
         if not 1 <= h["retries"] <= 1 << 31 or not 1 <= h["buffer"] <= 1 << 31:
             raise ProtocolError("STAGE: bad retries or buffer")
+        hooks = h.get("hooks")
+        if hooks is not None and (len(hooks) != 2 or not all(f is None or _is_fn_id(f) for f in hooks)):
+            raise ProtocolError("STAGE: hooks must be [setup id or null, teardown id or null]")
     elif t == HELLO:
         py = h["python"]
         if len(py) != 4 or type(py[0]) is not str or not all(type(x) is int for x in py[1:]):

@@ -718,3 +718,145 @@ def test_breaker_pauses_and_recovers_on_every_backend(backend_factory: Callable[
     p, result = arun(main(), timeout=60)
     assert unwrap(result) == list(range(10))
     assert p.last_stats is not None and p.last_stats.stages[0].details["breaker_trips"] >= 1
+
+
+# --- worker set-up and teardown ---------------------------------------------------------------
+# Setups and teardowns leave files in a folder (every backend here runs on this host), so
+# the test sees what ran in other processes: "setup-<token>" holds "pid index attempt",
+# "teardown-<token>" the attempt current_worker() showed there.
+
+
+def lifecycle_setup(folder: str) -> dict[str, Any]:
+    import uuid
+
+    info = current_worker()
+    token = uuid.uuid4().hex[:12]
+    with open(os.path.join(folder, f"setup-{token}"), "w") as f:
+        f.write(f"{os.getpid()} {info.index} {info.attempt}")
+    return {"token": token}
+
+
+def lifecycle_teardown(folder: str, state: dict[str, Any]) -> None:
+    with open(os.path.join(folder, f"teardown-{state['token']}"), "w") as f:
+        f.write(str(current_worker().attempt))
+
+
+def with_state(x: int) -> tuple[int, str]:
+    return x, current_worker().state["token"]
+
+
+def odd_fails_with_state(x: int) -> int:
+    assert current_worker().state["token"]
+    if x % 2:
+        raise ValueError(f"odd: {x}")
+    return x
+
+
+def no_database() -> None:
+    raise LookupError("no database here")
+
+
+def touch(folder: str, x: int) -> int:
+    with open(os.path.join(folder, f"item-{x}"), "w"):
+        return x
+
+
+def _lifecycle_files(folder: Any, prefix: str) -> dict[str, str]:
+    return {n.split("-", 1)[1]: (folder / n).read_text() for n in os.listdir(folder) if n.startswith(prefix)}
+
+
+def _torn_down(folder: Any, backend: Backend) -> tuple[dict[str, str], dict[str, str]]:
+    """The setup and teardown files. An agent tears down as it closes the run's session,
+    which its client ends (BYE) without waiting: for zmq, wait for it (bounded)."""
+    import time
+
+    deadline = time.monotonic() + (10 if type(backend).__name__ == "ZmqBackend" else 0)
+    while len(_lifecycle_files(folder, "teardown-")) < len(_lifecycle_files(folder, "setup-")):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return _lifecycle_files(folder, "setup-"), _lifecycle_files(folder, "teardown-")
+
+
+def _hooks(folder: Any) -> dict[str, Any]:
+    import functools
+
+    return {
+        "setup": functools.partial(lifecycle_setup, str(folder)),
+        "teardown": functools.partial(lifecycle_teardown, str(folder)),
+    }
+
+
+def test_setup_state_reaches_calls_and_teardown_follows(
+    backend_factory: Callable[[], Backend], arun: Any, tmp_path: Any
+) -> None:
+    """setup() runs in each worker before its first item; calls see its state as
+    current_worker().state; every worker set up is torn down by the time run() returns."""
+    from pypline import Pipeline
+    from pypline.util import unwrap
+
+    stage = work_pool(with_state, multi_proc=True, num_workers=2, **_hooks(tmp_path))
+    backend = backend_factory()
+    out = unwrap(arun((Pipeline(range(20)) >> stage).run(executor=backend), timeout=60))
+    assert sorted(x for x, _ in out) == list(range(20))
+    setups, teardowns = _torn_down(tmp_path, backend)
+    assert {token for _, token in out} <= set(setups)  # every call saw a state a setup made
+    assert 1 <= len(setups) <= 2  # one per worker (on Dask: per Dask worker process, 2 here)
+    assert all(text.split()[2] == "0" for text in setups.values())  # attempt 0 inside setup
+    assert set(teardowns) == set(setups)
+    assert all(text == "0" for text in teardowns.values())
+
+
+def test_failing_setup_fails_the_stage_at_start(backend_factory: Callable[[], Backend], arun: Any, tmp_path: Any) -> None:
+    """A setup that raises fails the stage before any item runs, naming the setup and its error."""
+    import functools
+
+    from pypline import Pipeline, StageStartError
+    from pypline.util import unwrap_err
+
+    stage = work_pool(functools.partial(touch, str(tmp_path)), multi_proc=True, num_workers=2, setup=no_database, name="db")
+    err = unwrap_err(arun((Pipeline(range(10)) >> stage).run(executor=backend_factory()), timeout=60))
+    assert isinstance(err.cause, StageStartError), err
+    assert err.cause.stage == "db"
+    assert "setup() raised" in str(err.cause) and "LookupError: no database here" in str(err.cause)
+    assert os.listdir(tmp_path) == [] and err.outputs == []
+
+
+def first_setup_only(folder: str) -> dict[str, Any]:
+    """The first setup to get here succeeds; every later one raises."""
+    try:
+        os.close(os.open(os.path.join(folder, "first"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        raise LookupError("only one connection allowed") from None
+    return lifecycle_setup(folder)
+
+
+def test_a_failing_setup_tears_down_the_workers_set_up(
+    backend_factory: Callable[[], Backend], arun: Any, tmp_path: Any
+) -> None:
+    import functools
+
+    from pypline import Pipeline
+    from pypline.util import unwrap_err
+
+    hooks = {**_hooks(tmp_path), "setup": functools.partial(first_setup_only, str(tmp_path))}
+    stage = work_pool(with_state, multi_proc=True, num_workers=2, **hooks)
+    backend = backend_factory()
+    err = unwrap_err(arun((Pipeline(range(10)) >> stage).run(executor=backend), timeout=60))
+    assert "LookupError: only one connection allowed" in str(err.cause)
+    setups, teardowns = _torn_down(tmp_path, backend)
+    assert len(setups) == 1 and set(teardowns) == set(setups)
+
+
+def test_teardown_runs_when_fail_fast_stops_the_run(
+    backend_factory: Callable[[], Backend], arun: Any, tmp_path: Any
+) -> None:
+    from pypline import Pipeline
+    from pypline.util import unwrap_err
+
+    stage = work_pool(odd_fails_with_state, multi_proc=True, num_workers=2, **_hooks(tmp_path))
+    backend = backend_factory()
+    err = unwrap_err(arun((Pipeline(range(50)) >> stage).run(executor=backend, fail_fast=True), timeout=60))
+    assert err.failures
+    setups, teardowns = _torn_down(tmp_path, backend)
+    assert setups and set(teardowns) == set(setups)

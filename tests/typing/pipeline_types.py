@@ -50,6 +50,22 @@ def mixed() -> list[Callable[[int], int]]:
     return [abs, abs]
 
 
+def connect() -> dict[str, int]:
+    return {}
+
+
+async def disconnect(state: dict[str, int]) -> None:
+    state.clear()
+
+
+@work_pool(num_workers=2, setup=connect, teardown=disconnect)
+def with_setup(x: int) -> int:
+    return x
+
+
+assert_type(with_setup, Stage[int, int])
+
+
 assert_type(parse, Stage[str, int])
 assert_type(double, Stage[int, float])
 assert_type(words, Stage[str, str])
