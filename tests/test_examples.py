@@ -33,6 +33,7 @@ KEY_LINES = {
     "multi_host": "all results match a local run: True",
     "watching": "600 outputs",
     "resilient_ingest": "every record handled exactly once: True",
+    "worker_setup": "rows committed by teardown: 200",
     "on_dask": "dask results match a local run: True",
     "on_ray": "ray results match a local run: True",
 }
