@@ -5,8 +5,9 @@ killed run stopped, and never delivers an item twice across the runs.
 
     open: read the journal ─► the keys already delivered (a torn last line is cut off)
     source ─► key(item) in them? ─ yes ─► skipped (never enters the pipeline)
-                                  └ no ──► pulled; its key kept by source position
-    the item's last output delivered (and the item did not fail) ─► its key appended
+                                  └ no ──► (key, item): the engine keeps the key on the
+                                           item's root envelope (None once the item failed)
+    the item's last output delivered ─► delivered(key): appended unless None
 
 What "delivered" means: for ``stream()`` and ``iter()``, an item's key is written before
 its last output is handed to your loop; for ``run()``, when its last stage has finished
@@ -47,12 +48,16 @@ def _same(item: Any) -> Any:
     return item
 
 
+_quote: Callable[[str], str] = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.encoder.py_encode_basestring_ascii
+"""``json.dumps(s)`` for a str ``s``, without the encoder's set-up (what dumps calls for a str)."""
+
+
 def _encode(key: Any) -> str:
     t = type(key)
     if t is int:
         return str(key)
     if t is str:
-        return json.dumps(key)
+        return _quote(key)
     try:
         return json.dumps(key, separators=(",", ":"), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -68,8 +73,6 @@ class Journal:
         self.path = Path(path)
         self.key: Callable[[Any], Any] = key if key is not None else _same
         self.done: set[str] = set()
-        self.pending: dict[int, str] = {}  # source position -> key, while the item is in flight
-        self.failed: set[int] = set()
         self.skipped = 0
         self.written = 0
         self.unsynced = 0
@@ -96,56 +99,49 @@ class Journal:
 
     # --- the source --------------------------------------------------------------------------
 
-    def _admit(self, position: int, item: Any) -> bool:
-        k = _encode(self.key(item))
-        if k in self.done:
-            self.skipped += 1
-            return False
-        self.pending[position] = k
-        return True
-
     def filter(self, source: Any) -> Any:
-        """The source without the items already delivered (positions count what is left)."""
+        """``(key, item)`` for each source item not delivered yet (sync or async, as the source)."""
         if hasattr(source, "__aiter__"):
             return self._afilter(source)
         return self._filter(source)
 
-    def _filter(self, source: Any) -> Iterator[Any]:
-        position = 0
-        key, done, pending = self.key, self.done, self.pending
+    def _filter(self, source: Any) -> Iterator[tuple[str, Any]]:
+        """The per-item cost of a journal on a fast pipeline is mostly here: the common keys
+        (the item itself, an int, a str) take no function call but the key's own."""
+        key, done, encode, quote = self.key, self.done, _encode, _quote
+        identity = key is _same
         for item in source:
+            k = item if identity else key(item)
+            t = type(k)
+            k = str(k) if t is int else quote(k) if t is str else encode(k)
+            if done and k in done:
+                self.skipped += 1
+                continue
+            yield k, item
+
+    async def _afilter(self, source: Any) -> AsyncIterator[tuple[str, Any]]:
+        key, done = self.key, self.done
+        async for item in source:
             k = _encode(key(item))
             if k in done:
                 self.skipped += 1
                 continue
-            pending[position] = k
-            position += 1
-            yield item
-
-    async def _afilter(self, source: Any) -> AsyncIterator[Any]:
-        position = 0
-        async for item in source:
-            if self._admit(position, item):
-                position += 1
-                yield item
+            yield k, item
 
     # --- delivery ------------------------------------------------------------------------------
 
-    def item_failed(self, position: int) -> None:
-        self.failed.add(position)
-
-    def delivered(self, position: int) -> None:
-        """The item at ``position`` left the pipeline: its key goes to the file unless it failed."""
-        k = self.pending.pop(position, None)
-        if self.failed and position in self.failed:
-            self.failed.discard(position)
+    def delivered(self, key: str | None) -> None:
+        """An item left the pipeline: its key goes to the file (``None``: it failed, it does not)."""
+        if key is None:
             return
-        if k is None:
-            return
-        self.lines.append(k)
+        self.lines.append(key)
         if not self.write_due:
-            self.write_due = True
-            asyncio.get_running_loop().call_soon(self.write)
+            self.schedule_write()
+
+    def schedule_write(self) -> None:
+        """Write the keys gathered at the end of this loop iteration."""
+        self.write_due = True
+        asyncio.get_running_loop().call_soon(self.write)
 
     def write(self) -> None:
         """Write the keys gathered so far (before an output is handed over, and at the end of

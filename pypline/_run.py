@@ -210,8 +210,11 @@ class _Collector(Inbox):
         src.live -= 1
         env._job = None  # see _retire
         if not src.live:
-            if run.journal is not None:
-                run.journal.delivered(src.index)
+            journal = run.journal
+            if journal is not None and src.key is not None:  # Journal.delivered, inlined
+                journal.lines.append(src.key)
+                if not journal.write_due:
+                    journal.schedule_write()
             _retire(src)
             run._release()
 
@@ -228,7 +231,7 @@ class _Collector(Inbox):
             run.keys.extend(map(_INDEX, envs))
         if run.journal is not None:
             for env in envs:
-                run.journal.delivered(env.index)
+                run.journal.delivered(env.key)
         for env in envs:  # see _retire
             env.live = 0
             env._job = None
@@ -525,7 +528,11 @@ class Run:
                     self._source_failed(index, exc)
                     break
                 self.permits -= 1
-                env = Envelope(None, (), value, index)
+                if self.journal is None:
+                    env = Envelope(None, (), value, index)
+                else:  # the journal's filter gives (key, item)
+                    env = Envelope(None, (), value[1], index)
+                    env.key = value[0]
                 index += 1
                 self.pulled = index
                 if self.streaming and self.ordered:
@@ -645,9 +652,16 @@ class Run:
         append = envs.append
         t0 = time.perf_counter()
         try:
-            for value in islice(it, k):
-                append(Envelope(None, (), value, index))
-                index += 1
+            if self.journal is None:
+                for value in islice(it, k):
+                    append(Envelope(None, (), value, index))
+                    index += 1
+            else:  # the journal's filter gives (key, item)
+                for key, value in islice(it, k):
+                    env = Envelope(None, (), value, index)
+                    env.key = key
+                    append(env)
+                    index += 1
         except Exception as exc:
             return envs, exc
         if len(envs) < k:
@@ -687,8 +701,7 @@ class Run:
     def item_failed(self, env: Envelope, failure: ItemFailure) -> None:
         self.failed_count += 1
         src = env.src
-        if self.journal is not None:
-            self.journal.item_failed(src.index)
+        src.key = None  # a journal does not record it (harmless without one)
         if not self.streaming:
             letters = self.dead_letters
             # With on_failure, memory keeps the first few (and any it could not take).
@@ -718,13 +731,13 @@ class Run:
             return
         if not self.streaming:
             if self.journal is not None:
-                self.journal.delivered(src.index)
+                self.journal.delivered(src.key)
             _retire(src)
             self._release()
         elif not self.ordered:
             if src.pending == 0:
                 if self.journal is not None:
-                    self.journal.delivered(src.index)
+                    self.journal.delivered(src.key)
                 _retire(src)
                 self._release()
         else:
@@ -745,7 +758,7 @@ class Run:
             woke = woke or bool(bucket)
             if not bucket:
                 if self.journal is not None:
-                    self.journal.delivered(head.index)
+                    self.journal.delivered(head.key)
                 _retire(head)
                 self._release()
         if woke:
@@ -917,7 +930,7 @@ class Run:
             src.pending -= 1
             if src.pending == 0 and src.live == 0:
                 if self.journal is not None:
-                    self.journal.delivered(src.index)
+                    self.journal.delivered(src.key)
                 _retire(src)
                 self._release()
         if self.journal is not None:

@@ -93,7 +93,9 @@ class Envelope(_Try):
     ordered stream's bucket of finished results.
     """
 
-    __slots__ = ("src", "path", "index", "live", "pending", "bucket")
+    # "key" (root only, journaled runs): the item's journal key, None once the item failed.
+    # Set by the pump only when the run has a journal; nothing else reads it.
+    __slots__ = ("src", "path", "index", "live", "pending", "bucket", "key")
 
     def __init__(self, src: Envelope | None, path: tuple[int, ...], value: Any, index: int = -1) -> None:
         self.item = value
