@@ -324,3 +324,38 @@ def test_setup_and_teardown_arguments_are_checked() -> None:
         work_pool(setup=3)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="teardown must be a function, not a generator: 'gen'"):
         work_pool(teardown=gen)
+
+
+# --- with the other stage options ---------------------------------------------------------------------
+
+
+async def async_worker(x: int) -> tuple[str, Any]:
+    return "async", current_worker().state
+
+
+def sync_worker(x: int) -> tuple[str, Any]:
+    return "sync", current_worker().state
+
+
+def named_state() -> str:
+    return f"w{current_worker().index}-{threading.current_thread().name}"
+
+
+def test_mix_pool_workers_are_set_up_where_each_runs(arun: Any) -> None:
+    """A mix_pool of an async and a plain worker: each worker's setup ran where its calls run."""
+    from pypline import mix_pool
+
+    stage = mix_pool(lambda: [async_worker, sync_worker], setup=named_state, name="mixed", fork_merge=list)
+    out = unwrap(arun((Pipeline(range(3)) >> stage).run()))
+    assert out == [[("async", "w0-MainThread"), ("sync", "w1-pypline-mixed-1")]] * 3
+
+
+def batch_with_state(xs: list[int]) -> list[tuple[int, Any]]:
+    return [(x, current_worker().state) for x in xs]
+
+
+@pytest.mark.parametrize("multi_proc", [False, True], ids=["asyncio", "process"])
+def test_batch_stages_see_their_workers_state(arun: Any, multi_proc: bool) -> None:
+    stage = work_pool(batch_with_state, batch=4, num_workers=2, multi_proc=multi_proc, setup=simple_setup)
+    out = unwrap(arun((Pipeline(range(10)) >> stage).run()))
+    assert sorted(out) == [(x, "state") for x in range(10)]
