@@ -96,6 +96,7 @@ class Envelope(_Try):
     # "key" (root only, journaled runs): the item's journal key, None once the item failed.
     # Set by the pump only when the run has a journal; nothing else reads it.
     __slots__ = ("src", "path", "index", "live", "pending", "bucket", "key")
+    key: str | None  # not set in __init__: only a journaled run's pump sets (and reads) it
 
     def __init__(self, src: Envelope | None, path: tuple[int, ...], value: Any, index: int = -1) -> None:
         self.item = value
