@@ -359,3 +359,63 @@ def test_batch_stages_see_their_workers_state(arun: Any, multi_proc: bool) -> No
     stage = work_pool(batch_with_state, batch=4, num_workers=2, multi_proc=multi_proc, setup=simple_setup)
     out = unwrap(arun((Pipeline(range(10)) >> stage).run()))
     assert sorted(out) == [(x, "state") for x in range(10)]
+
+
+def test_worker_processes_tear_down_when_the_pipelines_process_is_killed(tmp_path: Any) -> None:
+    """kill -9 of the process running the pipeline: each worker process notices its lifeline
+    close, runs the teardown (in its monitor thread, its call still running) and exits."""
+    import signal
+    import subprocess
+
+    folder = str(tmp_path)
+    script = tmp_path / "job.py"
+    script.write_text(
+        f"""
+import os, time
+from pypline import Pipeline, work_pool
+
+FOLDER = {folder!r}
+
+def setup():
+    return os.getpid()
+
+def teardown(pid):
+    open(os.path.join(FOLDER, f"teardown-{{pid}}"), "w").close()
+
+def block(x):
+    open(os.path.join(FOLDER, f"running-{{os.getpid()}}"), "w").close()
+    time.sleep(60)
+    return x
+
+(Pipeline(range(2)) >> work_pool(block, multi_proc=True, num_workers=2, setup=setup, teardown=teardown)).run_sync()
+"""
+    )
+
+    def pids(prefix: str) -> set[int]:
+        return {int(n.split("-")[1]) for n in os.listdir(folder) if n.startswith(prefix)}
+
+    def wait(predicate: Any, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return bool(predicate())
+
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=folder)
+    try:
+        assert wait(lambda: len(pids("running-")) == 2, 30), "the workers did not start"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert wait(lambda: pids("teardown-") == pids("running-"), 10), (pids("running-"), pids("teardown-"))
+
+        def gone(pid: int) -> bool:  # exited (a zombie waiting for whoever adopted it counts)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except FileNotFoundError:
+                return True
+
+        assert wait(lambda: all(gone(p) for p in pids("running-")), 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
