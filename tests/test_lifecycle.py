@@ -419,3 +419,20 @@ def block(x):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.parametrize("multi_proc", [False, True], ids=["asyncio", "process"])
+def test_leaving_iter_early_tears_workers_down(tmp_path: Any, multi_proc: bool) -> None:
+    """``iter()`` left with ``break``: the run stops and its workers are torn down before
+    the loop's next statement."""
+    stage = work_pool(
+        query_free,
+        num_workers=2,
+        multi_proc=multi_proc,
+        setup=simple_setup,
+        teardown=functools.partial(noting_teardown, str(tmp_path)),
+    )
+    for result in (Pipeline(range(1000)) >> stage).iter():
+        assert result.unwrap() is not None
+        break
+    assert len(lines(tmp_path)) == 2
