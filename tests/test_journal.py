@@ -129,3 +129,27 @@ def test_killed_and_resumed_runs_deliver_every_item_once_20_times(tmp_path: Path
         assert len(set(range(1000)) - set(consumed)) <= kills, round_
         total_kills += kills
     assert total_kills >= 10  # the runs were killed mid-way, not just run to the end
+
+
+def test_run_writes_a_key_moments_after_its_item_finished(tmp_path: Path) -> None:
+    """run() hands nothing over until it ends, yet a finished item's key is in the file
+    within WRITE_SECONDS (10 ms), so a run killed mid-way redoes almost nothing."""
+    import asyncio
+
+    from pypline._journal import WRITE_SECONDS
+
+    journal = tmp_path / "j"
+    journal_seen: dict[int, list[Any]] = {}
+
+    async def slow_source() -> Any:
+        for i in range(6):
+            yield i
+            await asyncio.sleep(WRITE_SECONDS * 10)  # the previous item finished long before the next
+
+    def work(x: int) -> int:
+        journal_seen[x] = sorted(keys_in(journal)) if journal.exists() else []
+        return x
+
+    assert unwrap((Pipeline(slow_source()) >> work_pool(work)).run_sync(journal=journal)) == list(range(6))
+    for x in range(1, 6):
+        assert journal_seen[x] == list(range(x)), (x, journal_seen[x])
