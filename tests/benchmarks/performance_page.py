@@ -41,6 +41,11 @@ WORKLOADS = """\
   (`bench_process.py`).
 - **W7** payload: 200 items of 4 MiB, the worker returns their length (`bench_process.py`,
   and through an agent in `bench_remote.py`).
+- **Batch stages**: a function costing 2 ms per call plus 10 µs per item, called per item
+  and with `batch=64` (`bench_batch.py`).
+- **Rate limits**: `rate=(100, 1.0)` for 10 s on 8 workers: the rate achieved, and the most
+  starts the workers saw in any one-second window (`bench_rate.py`).
+- **Journal**: W1 with `run(collect=False)`, with and without `journal=` (`bench_journal.py`).
 
 Ratios compare systems measured in the same run, on the same machine: compare ratios,
 not absolute times across tables. "Contended" tables run each system once quietly and
